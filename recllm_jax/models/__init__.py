@@ -1,0 +1,5 @@
+"""Model definitions."""
+from recllm_jax.models.config import ConfigError, Qwen2Config, PRESETS
+from recllm_jax.models.qwen2 import KVCache, Qwen2ForCausalLM, count_params
+
+__all__ = ["ConfigError", "KVCache", "PRESETS", "Qwen2Config", "Qwen2ForCausalLM", "count_params"]

@@ -1,0 +1,267 @@
+"""Qwen2-family decoder (Qwen2, Qwen2.5, DeepSeek-R1-Distill-Qwen) in Flax NNX.
+
+Shape letters: B batch, T query length, S key/value (cache) length, D hidden, H query heads,
+K key/value heads, G = H // K, Dh head dim, F MLP hidden, V vocabulary, L layers.
+
+Every weight carries logical axis names (see `recllm_jax.sharding.LOGICAL_RULES`), and the main
+activations are constrained with `sharding.shard`, so the same module runs on one device or an
+FSDP x tensor-parallel mesh.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from recllm_jax.models.config import Qwen2Config
+from recllm_jax.sharding import shard
+
+
+def _param(rngs: nnx.Rngs | None, init, shape: Sequence[int], dtype, names: Sequence[str]):
+  key = rngs.params() if rngs is not None else jax.random.key(0)
+  # Sharding is applied explicitly by `sharding.create_sharded` / `hf_io`, not eagerly here.
+  return nnx.Param(init(key, tuple(shape), dtype), sharding_names=tuple(names),
+                   eager_sharding=False)
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Fixed-size key/value cache, a plain pytree so it can ride through `lax.while_loop`.
+
+  Slots are written left to right: a (left-padded) prompt fills slots `[0, T)`, then each decode
+  step writes one slot. `mask` marks slots that hold real tokens, so a row's next RoPE position is
+  `mask.sum(-1)`.
+  """
+
+  k: tuple[jax.Array, ...]  # L x [B, S, K, Dh]
+  v: tuple[jax.Array, ...]  # L x [B, S, K, Dh]
+  mask: jax.Array  # [B, S] bool
+  index: jax.Array  # [] int32, next slot to write
+
+  @classmethod
+  def init(cls, cfg: Qwen2Config, batch_size: int, max_length: int, dtype: Any = None) -> "KVCache":
+    dtype = cfg.jnp_dtype if dtype is None else dtype
+    shape = (batch_size, max_length, cfg.num_key_value_heads, cfg.head_dim)
+    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers))
+    return cls(k=zeros, v=zeros, mask=jnp.zeros((batch_size, max_length), bool),
+               index=jnp.zeros((), jnp.int32))
+
+  @property
+  def max_length(self) -> int:
+    return self.mask.shape[1]
+
+  def next_positions(self) -> jax.Array:
+    """[B] RoPE position of each row's next token."""
+    return self.mask.sum(-1).astype(jnp.int32)
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, dim: int, eps: float, param_dtype: Any):
+    self.eps = eps
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), sharding_names=("norm",),
+                           eager_sharding=False)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    # Matches HF: normalise in fp32, cast back, then scale.
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return self.scale.value.astype(x.dtype) * x32.astype(x.dtype)
+
+
+def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+  """[B, T] int positions -> cos, sin of shape [B, T, Dh] (fp32, HF's half-split layout)."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, Dh]
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """x: [B, T, N, Dh]; cos/sin: [B, T, Dh]."""
+  cos = cos[:, :, None, :].astype(x.dtype)
+  sin = sin[:, :, None, :].astype(x.dtype)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return x * cos + rotated * sin
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: Qwen2Config, rngs: nnx.Rngs | None):
+    self.cfg = cfg
+    d, h, k, dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    pd = cfg.jnp_param_dtype
+    normal = nnx.initializers.normal(cfg.initializer_range)
+    self.q_proj = _Proj(rngs, normal, (d, h, dh), pd, ("embed", "q_heads", "head_dim"), bias=True)
+    self.k_proj = _Proj(rngs, normal, (d, k, dh), pd, ("embed", "kv_heads", "head_dim"), bias=True)
+    self.v_proj = _Proj(rngs, normal, (d, k, dh), pd, ("embed", "kv_heads", "head_dim"), bias=True)
+    self.o_proj = _Proj(rngs, normal, (h, dh, d), pd, ("q_heads", "head_dim", "embed"), bias=False)
+
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, allowed: jax.Array,
+               kv: tuple[jax.Array, jax.Array] | None, index: jax.Array | None):
+    """x: [B, T, D]; allowed: [B, T, S] bool. Returns ([B, T, D], updated (k, v) or None)."""
+    dt = self.cfg.jnp_dtype
+    q = self.q_proj(x, "btd,dhk->bthk")  # [B, T, H, Dh]
+    k = self.k_proj(x, "btd,dgk->btgk")  # [B, T, K, Dh]
+    v = self.v_proj(x, "btd,dgk->btgk")  # [B, T, K, Dh]
+    q = shard(apply_rope(q, cos, sin), ("batch", "length", "act_heads", None))
+    k = shard(apply_rope(k, cos, sin), ("batch", "length", "act_kv_heads", None))
+    v = shard(v, ("batch", "length", "act_kv_heads", None))
+    new_kv = None
+    if kv is not None:
+      cache_k, cache_v = kv
+      k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
+      v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
+      k = shard(k, ("batch", "cache_length", "act_kv_heads", None))  # [B, S, K, Dh]
+      v = shard(v, ("batch", "cache_length", "act_kv_heads", None))
+      new_kv = (k, v)
+    # GQA without repeating K/V: jax.nn.dot_product_attention groups the H query heads over
+    # the K key/value heads, computes logits in fp32 and picks cuDNN flash attention on GPU.
+    out = jax.nn.dot_product_attention(
+        q.astype(dt), k.astype(dt), v.astype(dt), mask=allowed[:, None, :, :])  # [B, T, H, Dh]
+    out = self.o_proj(out, "bthk,hkd->btd")  # [B, T, D]
+    return out, new_kv
+
+
+class _Proj(nnx.Module):
+  """A projection whose kernel keeps heads as a separate axis (einsum-friendly, shardable)."""
+
+  def __init__(self, rngs, init, shape, param_dtype, names, bias: bool):
+    self.kernel = _param(rngs, init, shape, param_dtype, names)
+    if bias:
+      self.bias = _param(rngs, nnx.initializers.zeros, shape[1:], param_dtype, names[1:])
+
+  def __call__(self, x: jax.Array, spec: str) -> jax.Array:
+    dt = x.dtype
+    y = jnp.einsum(spec, x, self.kernel.value.astype(dt))
+    if hasattr(self, "bias"):
+      y = y + self.bias.value.astype(dt)
+    return y
+
+
+class _Embed(nnx.Module):
+
+  def __init__(self, rngs, init, shape, param_dtype):
+    self.embedding = _param(rngs, init, shape, param_dtype, ("vocab", "embed"))
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, cfg: Qwen2Config, rngs: nnx.Rngs | None):
+    d, f, pd = cfg.hidden_size, cfg.intermediate_size, cfg.jnp_param_dtype
+    normal = nnx.initializers.normal(cfg.initializer_range)
+    self.gate_proj = _Proj(rngs, normal, (d, f), pd, ("embed", "mlp"), bias=False)
+    self.up_proj = _Proj(rngs, normal, (d, f), pd, ("embed", "mlp"), bias=False)
+    self.down_proj = _Proj(rngs, normal, (f, d), pd, ("mlp", "embed"), bias=False)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    gate = self.gate_proj(x, "btd,df->btf")  # [B, T, F]
+    up = self.up_proj(x, "btd,df->btf")  # [B, T, F]
+    h = shard(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+    return self.down_proj(h, "btf,fd->btd")  # [B, T, D]
+
+
+class DecoderLayer(nnx.Module):
+
+  def __init__(self, cfg: Qwen2Config, rngs: nnx.Rngs | None):
+    self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.jnp_param_dtype)
+    self.self_attn = Attention(cfg, rngs)
+    self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps,
+                                            cfg.jnp_param_dtype)
+    self.mlp = MLP(cfg, rngs)
+
+  def __call__(self, x, cos, sin, allowed, kv, index):
+    attn, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, allowed, kv, index)
+    x = x + attn
+    x = x + self.mlp(self.post_attention_layernorm(x))
+    return shard(x, ("batch", "length", "act_embed")), new_kv
+
+
+def _layer_forward(layer: DecoderLayer, *args):
+  return layer(*args)
+
+
+_layer_forward_remat = nnx.remat(_layer_forward)
+
+
+class Qwen2ForCausalLM(nnx.Module):
+  """Causal LM. `model(input_ids, attention_mask)` -> fp32 logits [B, T, V].
+
+  Positions come from the attention mask (`cumsum(mask) - 1`), so left-padded batches give the
+  same logits at real tokens as unpadded ones. With `cache=`, the call also returns the updated
+  `KVCache`; positions then continue from the tokens already in the cache.
+  """
+
+  def __init__(self, cfg: Qwen2Config, *, rngs: nnx.Rngs | None = None):
+    self.cfg = cfg
+    pd = cfg.jnp_param_dtype
+    normal = nnx.initializers.normal(cfg.initializer_range)
+    self.embed_tokens = _Embed(rngs, normal, (cfg.vocab_size, cfg.hidden_size), pd)
+    self.layers = nnx.List([DecoderLayer(cfg, rngs) for _ in range(cfg.num_hidden_layers)])
+    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = _Proj(rngs, normal, (cfg.hidden_size, cfg.vocab_size), pd,
+                           ("embed", "vocab"), bias=False)
+
+  def init_cache(self, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:
+    return KVCache.init(self.cfg, batch_size, max_length, dtype)
+
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
+               positions: jax.Array | None = None, cache: KVCache | None = None):
+    cfg = self.cfg
+    batch, length = input_ids.shape
+    mask = (jnp.ones((batch, length), bool) if attention_mask is None
+            else attention_mask.astype(bool))  # [B, T]
+    if cache is None:
+      index = None
+      kv_mask = mask  # [B, S=T]
+      offset = jnp.zeros((batch, 1), jnp.int32)
+    else:
+      index = cache.index
+      kv_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, index))  # [B, S]
+      offset = cache.next_positions()[:, None]
+    if positions is None:
+      positions = jnp.maximum(offset + jnp.cumsum(mask, axis=-1, dtype=jnp.int32) - 1, 0)
+    q_slot = jnp.arange(length) + (0 if index is None else index)  # [T]
+    kv_slot = jnp.arange(kv_mask.shape[1])  # [S]
+    allowed = kv_mask[:, None, :] & (kv_slot[None, None, :] <= q_slot[None, :, None])  # [B, T, S]
+
+    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+    x = jnp.take(self.embed_tokens.embedding.value, input_ids, axis=0).astype(cfg.jnp_dtype)
+    x = shard(x, ("batch", "length", "act_embed"))  # [B, T, D]
+    forward = _layer_forward_remat if cfg.remat else _layer_forward
+    new_k, new_v = [], []
+    for i, layer in enumerate(self.layers):
+      kv = None if cache is None else (cache.k[i], cache.v[i])
+      x, layer_kv = forward(layer, x, cos, sin, allowed, kv, index)
+      if layer_kv is not None:
+        new_k.append(layer_kv[0])
+        new_v.append(layer_kv[1])
+    x = self.norm(x)
+    logits = self.project_logits(x)
+    if cache is None:
+      return logits
+    new_cache = KVCache(k=tuple(new_k), v=tuple(new_v), mask=kv_mask, index=index + length)
+    return logits, new_cache
+
+  def project_logits(self, x: jax.Array) -> jax.Array:
+    """[B, T, D] final hidden states -> fp32 logits [B, T, V]."""
+    if self.cfg.tie_word_embeddings:
+      w = self.embed_tokens.embedding.value.astype(x.dtype)
+      logits = jnp.einsum("btd,vd->btv", x, w, preferred_element_type=jnp.float32)
+    else:
+      w = self.lm_head.kernel.value.astype(x.dtype)
+      logits = jnp.einsum("btd,dv->btv", x, w, preferred_element_type=jnp.float32)
+    return shard(logits, ("batch", "length", "act_vocab"))
+
+
+def count_params(model: nnx.Module) -> int:
+  """Number of parameters; works on abstract (`nnx.eval_shape`) models without allocating."""
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
