@@ -155,7 +155,7 @@ def load_hf_model(path: str | os.PathLike, *, dtype: Any = jnp.float32, mesh: Me
   graphdef, state = nnx.split(abstract)
   targets = {".".join(map(str, k)): v for k, v in nnx.to_flat_state(state)}
   if mesh is not None:
-    shardings = {".".join(map(str, k)): s.value
+    shardings = {".".join(map(str, k)): s.get_value()
                  for k, s in nnx.to_flat_state(sharding.state_shardings(state, mesh))}
   else:
     shardings = dict.fromkeys(targets, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
@@ -170,7 +170,7 @@ def load_hf_model(path: str | os.PathLike, *, dtype: Any = jnp.float32, mesh: Me
       raise CheckpointError(f"{file}: unexpected tensor {hf_name!r} (not part of a "
                             f"{'tied' if cfg.tie_word_embeddings else 'untied'} Qwen2 model)")
     flax_name, layout = mapped
-    target = targets[flax_name].value
+    target = targets[flax_name].get_value()
     lazy = handle.get_slice(hf_name)
     src_dtype = lazy.get_dtype()
     if src_dtype not in _CASTABLE:
@@ -193,7 +193,7 @@ def load_hf_model(path: str | os.PathLike, *, dtype: Any = jnp.float32, mesh: Me
     raise CheckpointError(f"{path}: missing tensors {hf_missing[:8]}"
                           f"{' …' if len(hf_missing) > 8 else ''} ({len(hf_missing)} in all)")
   for key, var in nnx.to_flat_state(state):
-    var.value = loaded[".".join(map(str, key))]
+    var.set_value(loaded[".".join(map(str, key))])
   return nnx.merge(graphdef, state)
 
 
@@ -231,7 +231,7 @@ def export_hf(model: Qwen2ForCausalLM, out_dir: str | os.PathLike, tokenizer: An
 
   for stale in list(out.glob("model*.safetensors")) + [out / SAFE_INDEX]:
     stale.unlink(missing_ok=True)
-  params = [(".".join(map(str, k)), v.value)
+  params = [(".".join(map(str, k)), v.get_value())
             for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
   # Plan shards from shapes first, then gather one shard's tensors at a time to host.
   shards: list[list[tuple[str, jax.Array]]] = [[]]

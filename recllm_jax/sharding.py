@@ -75,9 +75,10 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
   if math.prod(sizes) != len(devices):
     raise ValueError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = "
                      f"{math.prod(sizes)} devices, but {len(devices)} are available")
-  # mesh_utils orders devices so that the innermost (tensor) axis gets the fastest links.
-  device_array = jax.experimental.mesh_utils.create_device_mesh(sizes, devices=devices)
-  return Mesh(device_array, MESH_AXES)
+  # jax.make_mesh orders devices so that the innermost (tensor) axis gets the fastest links.
+  # Auto axes: XLA propagates shardings from the weights and the `shard` constraints.
+  return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
 def _axis_size(mesh: Any, axes: str | tuple[str, ...] | None) -> int:
@@ -126,8 +127,8 @@ def state_shardings(state: Any, mesh: Mesh) -> Any:
   """A pytree like `state` whose leaves are the NamedShardings of its variables."""
 
   def to_sharding(var: nnx.Variable) -> nnx.Variable:
-    names = var.get_metadata().get("out_sharding") or (None,) * len(var.value.shape)
-    return var.replace(value=NamedSharding(mesh, logical_to_spec(names, var.value.shape, mesh)))
+    names = var.get_metadata().get("out_sharding") or (None,) * len(var.get_value().shape)
+    return var.replace(value=NamedSharding(mesh, logical_to_spec(names, var.get_value().shape, mesh)))
 
   return jax.tree.map(to_sharding, state, is_leaf=_is_variable)
 
@@ -156,7 +157,7 @@ def describe(module: nnx.Module) -> dict[str, str]:
   """`{'path': 'shape dtype sharding'}` for every parameter; handy in logs and tests."""
   out = {}
   for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param)):
-    value = var.value
+    value = var.get_value()
     out["/".join(map(str, path))] = (
         f"{tuple(value.shape)} {value.dtype} {getattr(value, 'sharding', None)}")
   return out

@@ -15,30 +15,30 @@ __all__ = ["DataError"]
 
 
 class DataError(ValueError):
-    """A dataset file is malformed, inconsistent or empty.
+  """A dataset file is malformed, inconsistent or empty.
 
-    Subclasses :class:`ValueError` so callers that already guard against bad
-    values keep working. ``path``/``line``/``field``/``item_id`` are kept as
-    attributes so tooling (e.g. ``on_bad_data="skip"`` reports) can use them
-    without parsing the message.
-    """
+  Subclasses :class:`ValueError` so callers that already guard against bad
+  values keep working. ``path``/``line``/``field``/``item_id`` are kept as
+  attributes so tooling (e.g. ``on_bad_data="skip"`` reports) can use them
+  without parsing the message.
+  """
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        path: str | os.PathLike[str] | None = None,
-        line: int | None = None,
-        field: str | None = None,
-        item_id: str | None = None,
-    ) -> None:
-        self.path = None if path is None else str(path)
-        self.line = line
-        self.field = field
-        self.item_id = item_id
-        self.reason = message
-        location = ""
-        if self.path is not None:
-            location = self.path if line is None else f"{self.path}:{line}"
-            location += ": "
-        super().__init__(location + message)
+  def __init__(
+    self,
+    message: str,
+    *,
+    path: str | os.PathLike[str] | None = None,
+    line: int | None = None,
+    field: str | None = None,
+    item_id: str | None = None,
+  ) -> None:
+    self.path = None if path is None else str(path)
+    self.line = line
+    self.field = field
+    self.item_id = item_id
+    self.reason = message
+    location = ""
+    if self.path is not None:
+      location = self.path if line is None else f"{self.path}:{line}"
+      location += ": "
+    super().__init__(location + message)

@@ -25,7 +25,7 @@ from recllm_jax.sharding import shard
 def _param(rngs: nnx.Rngs | None, init, shape: Sequence[int], dtype, names: Sequence[str]):
   key = rngs.params() if rngs is not None else jax.random.key(0)
   # Sharding is applied explicitly by `sharding.create_sharded` / `hf_io`, not eagerly here.
-  return nnx.Param(init(key, tuple(shape), dtype), sharding_names=tuple(names),
+  return nnx.Param(init(key, tuple(shape), dtype), out_sharding=tuple(names),
                    eager_sharding=False)
 
 
@@ -64,14 +64,14 @@ class RMSNorm(nnx.Module):
 
   def __init__(self, dim: int, eps: float, param_dtype: Any):
     self.eps = eps
-    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), sharding_names=("norm",),
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",),
                            eager_sharding=False)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     # Matches HF: normalise in fp32, cast back, then scale.
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return self.scale.value.astype(x.dtype) * x32.astype(x.dtype)
+    return self.scale[...].astype(x.dtype) * x32.astype(x.dtype)
 
 
 def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
@@ -139,9 +139,9 @@ class _Proj(nnx.Module):
 
   def __call__(self, x: jax.Array, spec: str) -> jax.Array:
     dt = x.dtype
-    y = jnp.einsum(spec, x, self.kernel.value.astype(dt))
+    y = jnp.einsum(spec, x, self.kernel[...].astype(dt))
     if hasattr(self, "bias"):
-      y = y + self.bias.value.astype(dt)
+      y = y + self.bias[...].astype(dt)
     return y
 
 
@@ -234,7 +234,7 @@ class Qwen2ForCausalLM(nnx.Module):
     allowed = kv_mask[:, None, :] & (kv_slot[None, None, :] <= q_slot[None, :, None])  # [B, T, S]
 
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
-    x = jnp.take(self.embed_tokens.embedding.value, input_ids, axis=0).astype(cfg.jnp_dtype)
+    x = jnp.take(self.embed_tokens.embedding[...], input_ids, axis=0).astype(cfg.jnp_dtype)
     x = shard(x, ("batch", "length", "act_embed"))  # [B, T, D]
     forward = _layer_forward_remat if cfg.remat else _layer_forward
     new_k, new_v = [], []
@@ -254,10 +254,10 @@ class Qwen2ForCausalLM(nnx.Module):
   def project_logits(self, x: jax.Array) -> jax.Array:
     """[B, T, D] final hidden states -> fp32 logits [B, T, V]."""
     if self.cfg.tie_word_embeddings:
-      w = self.embed_tokens.embedding.value.astype(x.dtype)
+      w = self.embed_tokens.embedding[...].astype(x.dtype)
       logits = jnp.einsum("btd,vd->btv", x, w, preferred_element_type=jnp.float32)
     else:
-      w = self.lm_head.kernel.value.astype(x.dtype)
+      w = self.lm_head.kernel[...].astype(x.dtype)
       logits = jnp.einsum("btd,dv->btv", x, w, preferred_element_type=jnp.float32)
     return shard(logits, ("batch", "length", "act_vocab"))
 

@@ -1,0 +1,131 @@
+"""SFT configs: `--config configs/sft.py[:preset]`, then `--config.key=value` overrides.
+
+Presets:
+  (none)  the RecLLM-R1 SFT setup: full fine-tuning of DeepSeek-R1-Distill-Qwen-1.5B (fp32
+          master weights, bf16 compute, remat) on Amazon-2018 data. Needs a local download:
+          --config.model.hf_path=/path/to/DeepSeek-R1-Distill-Qwen-1.5B
+          --config.data.dir=/path/to/amazon18/Office_Products
+  tiny    a random-init 4-layer Qwen2 with a BPE tokenizer trained on the catalog, on synthetic
+          data generated into `<workdir>/data`; a few minutes on a 2-core CPU.
+
+The config is locked: a mistyped key fails instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+from ml_collections import config_dict
+
+from recllm_jax.data.prompts import PromptConfig
+
+
+def prompt_config() -> ml_collections.ConfigDict:
+  """Every `PromptConfig` field, so any of them can be overridden as `data.prompt.<field>`."""
+  cfg = ml_collections.ConfigDict()
+  for field in dataclasses.fields(PromptConfig):
+    default = field.default
+    # None defaults become typed placeholders so a string can still be assigned later.
+    cfg[field.name] = config_dict.placeholder(str) if default is None else default
+  return cfg
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Keys shared by every preset (documented in docs/training.md)."""
+  c = ml_collections.ConfigDict()
+  c.task = "sft"
+  c.workdir = "/tmp/recllm_sft"
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.preset = "hf"  # 'hf' (load hf_path) or a models.PRESETS name for random init
+  c.model.hf_path = ""
+  c.model.tokenizer_path = ""  # default: hf_path's tokenizer, else one trained on the catalog
+  c.model.tokenizer_vocab_size = 2048  # only for a trained tokenizer
+  c.model.param_dtype = "float32"
+  c.model.dtype = "bfloat16"  # compute dtype
+  c.model.remat = False
+  for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads"):
+    c.model[key] = 0  # 0 = the preset's value (random init only)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.dir = ""
+  c.data.format = "auto"  # auto | jsonl | amazon18 | synthetic
+  c.data.on_bad_data = "error"  # error | skip
+  c.data.max_length = 1024
+  c.data.num_buckets = 4
+  c.data.prefetch_threads = 2
+  c.data.prompt = prompt_config()
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 1000
+  c.train.batch_size = 32  # global, in sequences
+  c.train.grad_accum_steps = 1
+  c.train.lr = 1e-5
+  c.train.min_lr_ratio = 0.1
+  c.train.warmup_steps = 50
+  c.train.weight_decay = 0.01
+  c.train.max_grad_norm = 1.0
+  c.train.b1 = 0.9
+  c.train.b2 = 0.95
+  c.train.log_every = 10
+  c.train.eval_every = 200
+  c.train.eval_batches = 16
+  c.train.checkpoint_every = 200
+  c.train.keep_checkpoints = 3
+  c.train.async_checkpoint = True
+  c.train.peak_flops = 0.0  # per device; 0 = datasheet table / measured CPU matmul
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = 1
+  c.mesh.fsdp = -1  # -1 = all remaining devices
+  c.mesh.tensor = 1
+  return c
+
+
+def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  c.workdir = "/tmp/recllm_sft_tiny"
+  c.model.preset = "tiny"
+  c.model.param_dtype = "float32"
+  c.model.dtype = "float32"  # bf16 matmuls are slow on CPU
+  c.data.format = "synthetic"
+  c.data.max_length = 256
+  c.data.prompt.max_history_tokens = 160
+  c.train.num_steps = 300
+  c.train.batch_size = 16
+  c.train.lr = 3e-3
+  c.train.warmup_steps = 20
+  c.train.weight_decay = 0.0
+  c.train.log_every = 10
+  c.train.eval_every = 100
+  c.train.eval_batches = 4
+  c.train.checkpoint_every = 100
+  return c
+
+
+def paper(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  c.workdir = "/tmp/recllm_sft_r1_distill_1.5b"
+  c.model.preset = "hf"
+  c.model.remat = True
+  c.data.format = "amazon18"
+  c.data.max_length = 1024
+  c.train.num_steps = 2000
+  c.train.batch_size = 32
+  c.train.lr = 1e-5
+  c.train.warmup_steps = 100
+  return c
+
+
+PRESETS = {"": paper, "paper": paper, "tiny": tiny}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  name = arg or ""
+  if name not in PRESETS:
+    raise ValueError(f"unknown preset {name!r} for configs/sft.py; expected one of "
+                     f"{sorted(k for k in PRESETS if k)}")
+  config = PRESETS[name](base_config())
+  config.lock()
+  return config

@@ -1,0 +1,436 @@
+"""Catalog-constrained decoding: a token-level prefix trie compiled into dense arrays.
+
+An LLM recommender names items by title, so an unconstrained decoder can invent titles that are
+not in the catalog. `CatalogConstraint` restricts decoding to token sequences of catalog items:
+at every step it produces an allowed-token mask `[B, V]` inside `jit`, from a small per-row
+`ConstraintState` carried through the decode loop (see `recllm_jax.generate`).
+
+Trie layout (built once on the host, `ItemTrie`):
+
+* Nodes are numbered in BFS order with siblings sorted by token, so the children of node `n` are
+  the contiguous node ids `[first_child[n], first_child[n + 1])` and `token[c]` is the edge label
+  of child `c`. A child lookup is a binary search over that segment; there is no dense
+  `[nodes, vocab]` table (100k items x 30 tokens x 150k vocab would be ~450 G entries).
+* Distinct titles ("leaves") are numbered in DFS (pre-order, token-sorted) order, so the leaves
+  below node `n` are exactly `[leaf_lo[n], leaf_hi[n])`, and a node where a title ends owns
+  leaf `leaf_lo[n]`. This makes "is every item below this child already used?" two binary
+  searches against the row's sorted list of banned leaves, which is how repeats and
+  history items are excluded without dead ends (a prefix whose items are all banned is masked).
+* Nodes with many children (the root, popular brand prefixes) would make a per-row scatter of
+  their children expensive, so nodes with more than `max_sparse_degree` children also keep a
+  bit-packed mask row `[ceil(V / 32)] uint32`; all other nodes scatter at most
+  `max_sparse_degree` children.
+
+Titles are not unique in real catalogs: items with the same token sequence share one leaf
+(`ItemTrie.leaf_items(leaf)` lists their item indices). Repeat and history exclusion work on
+leaves, i.e. a title is used once even if several item ids carry it.
+
+Lists of items: with `num_items=K`, the decoder emits K distinct items separated by the
+`delimiter` token sequence, the K-th item followed by `eos_token_id`; the trie restarts after each
+delimiter. Token ids are matched exactly, so a delimiter must be tokenised the way the model is
+trained to emit it, and an end token (delimiter[0] or EOS) must not also continue a title that
+ends at the same node (checked at build time).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["ItemTrie", "TrieArrays", "CatalogConstraint", "ConstraintSpec", "ConstraintState",
+           "init_state", "allowed_tokens", "advance"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Host-side trie
+# ----------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class TrieArrays:
+  """The device half of an `ItemTrie` (a pytree; passed to jitted code as an argument)."""
+
+  first_child: jax.Array  # [N + 1] int32, children of n are node ids [first_child[n], first_child[n+1])
+  token: jax.Array  # [N] int32, label of the edge into each node (root: -1)
+  leaf_lo: jax.Array  # [N] int32, leaves below n are [leaf_lo[n], leaf_hi[n])
+  leaf_hi: jax.Array  # [N] int32
+  terminal: jax.Array  # [N] bool, a title ends here (its leaf is leaf_lo[n])
+  dense_nodes: jax.Array  # [Nd] int32 sorted ids of high-degree nodes
+  dense_bits: jax.Array  # [Nd, ceil(V/32)] uint32 bit-packed child-token masks
+  item_leaf: jax.Array  # [I] int32 leaf of each catalog item
+  num_leaves: int = flax.struct.field(pytree_node=False)
+  vocab_size: int = flax.struct.field(pytree_node=False)
+  max_sparse_degree: int = flax.struct.field(pytree_node=False)
+  search_steps: int = flax.struct.field(pytree_node=False)
+
+
+class ItemTrie:
+  """Prefix trie over item token sequences, compiled to flat numpy arrays.
+
+  Build with `ItemTrie(sequences, vocab_size)` or `ItemTrie.from_titles(titles, tokenizer)`;
+  `item` i of the catalog is `sequences[i]`.
+  """
+
+  def __init__(self, sequences: Sequence[Sequence[int]], vocab_size: int, *,
+               max_sparse_degree: int = 64):
+    if not sequences:
+      raise ValueError("an ItemTrie needs at least one item")
+    seqs = [tuple(int(t) for t in s) for s in sequences]
+    for i, s in enumerate(seqs):
+      if not s:
+        raise ValueError(f"item {i} has an empty token sequence")
+      if min(s) < 0 or max(s) >= vocab_size:
+        raise ValueError(f"item {i} has token ids outside [0, {vocab_size})")
+    self.vocab_size = int(vocab_size)
+    self.max_sparse_degree = int(max_sparse_degree)
+    self.num_items = len(seqs)
+
+    # Distinct sequences = leaves, in lexicographic (DFS pre-order) order: a prefix sorts first.
+    unique = sorted(set(seqs))
+    leaf_of = {s: i for i, s in enumerate(unique)}
+    self.item_leaf = np.array([leaf_of[s] for s in seqs], np.int32)  # [I]
+    order = np.argsort(self.item_leaf, kind="stable")
+    self.leaf_item_ids = order.astype(np.int32)  # [I] items grouped by leaf
+    self.leaf_item_start = np.searchsorted(self.item_leaf[order], np.arange(len(unique) + 1))
+    self.leaf_sequences = unique
+    self.num_leaves = len(unique)
+    self._build(unique)
+
+  def _build(self, unique: list[tuple[int, ...]]) -> None:
+    # Sorted sequences make each trie node a contiguous run [lo, hi) of leaves sharing its prefix.
+    # With lcp[i] = longest common prefix of sequences i-1 and i, leaf i starts a depth-D node
+    # iff len(i) >= D and lcp[i] < D, and that node ends at the next j with lcp[j] < D. Building
+    # one depth at a time (BFS) keeps this vectorised: 100k titles x 30 tokens take ~1 s.
+    num_leaves = len(unique)
+    lengths = np.array([len(s) for s in unique], np.int64)  # [L]
+    max_len = int(lengths.max())
+    table = np.full((num_leaves, max_len), -1, np.int64)  # [L, maxlen], -1 past the end
+    for i, s in enumerate(unique):
+      table[i, :len(s)] = s
+    same = (table[1:] == table[:-1]) & (table[1:] >= 0)  # [L-1, maxlen]
+    lcp = np.concatenate([[0], np.cumprod(same, axis=1).sum(1)])  # [L]
+
+    first_child = [np.zeros(1, np.int64)]  # per depth: first child id of each node
+    tokens, lo_all, hi_all, term_all = [np.array([-1])], [np.array([0])], [np.array([num_leaves])], []
+    term_all.append(np.array([lengths[0] == 0]))
+    prev_lo = np.array([0])
+    offset = 1  # id of the first node at the next depth
+    for depth in range(1, max_len + 1):
+      starts = np.flatnonzero((lengths >= depth) & (lcp < depth))  # [Nd] leaf_lo of depth nodes
+      boundaries = np.flatnonzero(lcp < depth)
+      nxt = np.searchsorted(boundaries, starts, side="right")
+      ends = np.where(nxt < len(boundaries), boundaries[np.minimum(nxt, len(boundaries) - 1)],
+                      num_leaves)
+      parent_rank = np.searchsorted(prev_lo, starts, side="right") - 1  # among depth-1 nodes
+      per_parent = np.bincount(parent_rank, minlength=len(prev_lo))
+      first_child[-1] = offset + np.concatenate([[0], np.cumsum(per_parent)[:-1]])
+      tokens.append(table[starts, depth - 1])
+      lo_all.append(starts)
+      hi_all.append(ends)
+      term_all.append(lengths[starts] == depth)
+      first_child.append(np.zeros(len(starts), np.int64))
+      offset += len(starts)
+      prev_lo = starts
+    first_child[-1] = np.full(len(prev_lo), offset)
+    self.first_child = np.concatenate(first_child + [[offset]]).astype(np.int32)  # [N + 1]
+    self.token = np.concatenate(tokens).astype(np.int32)  # [N]
+    self.leaf_lo = np.concatenate(lo_all).astype(np.int32)  # [N]
+    self.leaf_hi = np.concatenate(hi_all).astype(np.int32)  # [N]
+    self.terminal = np.concatenate(term_all).astype(bool)  # [N]
+    self.num_nodes = int(offset)
+    degree = np.diff(self.first_child)  # [N]
+    self.max_degree = int(degree.max())
+    self.dense_nodes = np.flatnonzero(degree > self.max_sparse_degree).astype(np.int32)  # [Nd]
+    words = math.ceil(self.vocab_size / 32)
+    bits = np.zeros((len(self.dense_nodes), words), np.uint32)
+    for row, n in enumerate(self.dense_nodes):
+      child_tokens = self.token[self.first_child[n]:self.first_child[n + 1]].astype(np.int64)
+      np.bitwise_or.at(bits[row], child_tokens // 32,
+                       (np.uint32(1) << (child_tokens % 32).astype(np.uint32)))
+    self.dense_bits = bits  # [Nd, ceil(V/32)]
+
+  @classmethod
+  def from_titles(cls, titles: Sequence[str], tokenizer: Any, *, vocab_size: int | None = None,
+                  **kwargs: Any) -> "ItemTrie":
+    """Tokenises titles without special tokens (an HF tokenizer or a `tokenizers.Tokenizer`).
+
+    `vocab_size` must be the model's vocabulary (logit columns), which may exceed the
+    tokenizer's; it defaults to `len(tokenizer)`.
+    """
+    seqs = []
+    for t in titles:
+      if hasattr(tokenizer, "encode") and hasattr(tokenizer, "get_vocab_size"):  # tokenizers
+        seqs.append(tokenizer.encode(t, add_special_tokens=False).ids)
+      else:
+        seqs.append(tokenizer.encode(t, add_special_tokens=False))
+    if vocab_size is None:
+      vocab_size = (tokenizer.get_vocab_size() if hasattr(tokenizer, "get_vocab_size")
+                    else len(tokenizer))
+    return cls(seqs, vocab_size, **kwargs)
+
+  # -- host utilities ----------------------------------------------------------------------
+
+  def leaf_items(self, leaf: int) -> list[int]:
+    """Item indices whose token sequence is leaf `leaf` (duplicates share a leaf)."""
+    a, b = self.leaf_item_start[leaf], self.leaf_item_start[leaf + 1]
+    return self.leaf_item_ids[a:b].tolist()
+
+  def lookup(self, tokens: Sequence[int]) -> int:
+    """Leaf id of an exact token sequence, or -1."""
+    node = 0
+    for t in tokens:
+      a, b = self.first_child[node], self.first_child[node + 1]
+      i = a + int(np.searchsorted(self.token[a:b], t))
+      if i >= b or self.token[i] != t:
+        return -1
+      node = i
+    return int(self.leaf_lo[node]) if self.terminal[node] else -1
+
+  def check_end_tokens(self, end_tokens: Sequence[int]) -> None:
+    """Raises if an end token also continues a title at a node where another title ends."""
+    ends = np.array(sorted(set(int(t) for t in end_tokens)), np.int32)
+    for n in np.flatnonzero(self.terminal):
+      kids = self.token[self.first_child[n]:self.first_child[n + 1]]
+      clash = np.intersect1d(kids, ends)
+      if clash.size:
+        raise ValueError(
+            f"end token {int(clash[0])} continues a title after the complete title "
+            f"{list(self.leaf_sequences[self.leaf_lo[n]])}: choose a delimiter/EOS that never "
+            "occurs inside titles")
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes of the device arrays."""
+    return sum(int(np.asarray(x).nbytes) for x in jax.tree.leaves(self._numpy_arrays()))
+
+  def _numpy_arrays(self) -> dict[str, np.ndarray]:
+    return dict(first_child=self.first_child, token=self.token, leaf_lo=self.leaf_lo,
+                leaf_hi=self.leaf_hi, terminal=self.terminal, dense_nodes=self.dense_nodes,
+                dense_bits=self.dense_bits, item_leaf=self.item_leaf)
+
+  def device_arrays(self) -> TrieArrays:
+    """The arrays on the default device (replicated under a mesh: they are read by gathers)."""
+    if not hasattr(self, "_device"):
+      arrays = {k: jnp.asarray(v) for k, v in self._numpy_arrays().items()}
+      self._device = TrieArrays(
+          **arrays, num_leaves=self.num_leaves, vocab_size=self.vocab_size,
+          max_sparse_degree=min(self.max_sparse_degree, self.max_degree),
+          search_steps=max(1, math.ceil(math.log2(self.max_degree + 1))) + 1)
+    return self._device
+
+
+# ----------------------------------------------------------------------------------------------
+# The constraint object handed to `generate` / `beam_search`
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ConstraintSpec:
+  """Static (hashable) part of a constraint: it shapes the compiled program."""
+
+  num_items: int
+  delimiter: tuple[int, ...]
+  eos_token_id: int
+  has_history: bool
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CatalogConstraint:
+  """Decode exactly `num_items` distinct catalog items.
+
+  Attributes:
+    trie: the catalog's `ItemTrie`.
+    eos_token_id: token that ends the last item (and generation).
+    num_items: K, items per output; items 1..K-1 are followed by `delimiter`.
+    delimiter: token ids separating items (required when K > 1).
+    history: optional `[B, H]` item indices per prompt (padded with -1) that may not be emitted,
+      e.g. the user's interaction history. Rows follow the prompts (before `num_samples`).
+  """
+
+  trie: ItemTrie
+  eos_token_id: int
+  num_items: int = 1
+  delimiter: tuple[int, ...] = ()
+  history: Any = None
+
+  def __post_init__(self):
+    object.__setattr__(self, "delimiter", tuple(int(t) for t in self.delimiter))
+    if self.num_items < 1:
+      raise ValueError(f"num_items must be >= 1, got {self.num_items}")
+    if self.num_items > 1 and not self.delimiter:
+      raise ValueError("a delimiter is needed to decode more than one item")
+    ends = [self.eos_token_id] + ([self.delimiter[0]] if self.num_items > 1 else [])
+    self.trie.check_end_tokens(ends)
+
+  def with_history(self, history: Any) -> "CatalogConstraint":
+    return dataclasses.replace(self, history=history)
+
+  @property
+  def spec(self) -> ConstraintSpec:
+    return ConstraintSpec(self.num_items, self.delimiter, int(self.eos_token_id),
+                          self.history is not None)
+
+  def items(self, leaves: Any) -> list[list[list[int]]]:
+    """Host: leaf ids `[B, K]` (e.g. `GenerateOutput.items`) -> per row, per slot, item ids."""
+    leaves = np.asarray(leaves)
+    return [[self.trie.leaf_items(int(l)) if l >= 0 else [] for l in row] for row in leaves]
+
+
+@flax.struct.dataclass
+class ConstraintState:
+  """Per-row decoding state; every field has the batch as its leading axis."""
+
+  node: jax.Array  # [B] int32 current trie node (0 = root)
+  delim_pos: jax.Array  # [B] int32 next delimiter token to emit, -1 inside an item
+  count: jax.Array  # [B] int32 items completed
+  items: jax.Array  # [B, K] int32 leaf ids in emission order, -1 = not yet
+  banned: jax.Array  # [B, H + K] int32 sorted unique leaf ids that may not be emitted (+ sentinels)
+
+
+# ----------------------------------------------------------------------------------------------
+# Jittable pieces
+# ----------------------------------------------------------------------------------------------
+
+
+def _segment_search(keys: jax.Array, lo: jax.Array, hi: jax.Array, target: jax.Array,
+                    steps: int) -> jax.Array:
+  """Last index i in [lo, hi) with keys[i] <= target (lo - 1 if none); keys sorted per segment.
+
+  Elementwise over any broadcastable shape of lo/hi/target, `steps` >= log2(max segment + 1).
+  """
+  lo, hi, target = jnp.broadcast_arrays(lo, hi, target)
+
+  def body(_, bounds):
+    l, h = bounds
+    mid = (l + h) // 2
+    right = keys[jnp.clip(mid, 0, keys.shape[0] - 1)] <= target
+    active = l < h
+    return jnp.where(active & right, mid + 1, l), jnp.where(active & ~right, mid, h)
+
+  first_greater, _ = jax.lax.fori_loop(0, steps, body, (lo, hi))
+  return first_greater - 1
+
+
+def _count_in_range(sorted_rows: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
+  """Per row, how many entries of sorted_rows [B, M] lie in [lo, hi) (lo/hi: [B, Q])."""
+  search = jax.vmap(jnp.searchsorted)
+  return search(sorted_rows, hi) - search(sorted_rows, lo)
+
+
+def init_state(trie: TrieArrays, spec: ConstraintSpec, batch: int,
+               history: jax.Array | None = None) -> ConstraintState:
+  """Start-of-generation state. history: [B, H] item indices (-1 padded) that are banned."""
+  sentinel = trie.num_leaves  # sorts after every real leaf
+  free = jnp.full((batch, spec.num_items), sentinel, jnp.int32)
+  if history is None:
+    banned = free
+  else:
+    leaves = jnp.where(history >= 0, trie.item_leaf[jnp.maximum(history, 0)], sentinel)
+    leaves = jnp.sort(leaves.astype(jnp.int32), axis=-1)  # [B, H]
+    dup = jnp.concatenate([jnp.zeros((batch, 1), bool), leaves[:, 1:] == leaves[:, :-1]], -1)
+    leaves = jnp.sort(jnp.where(dup, sentinel, leaves), axis=-1)
+    banned = jnp.concatenate([leaves, free], axis=-1)  # [B, H + K], sentinels last
+  return ConstraintState(
+      node=jnp.zeros((batch,), jnp.int32), delim_pos=jnp.full((batch,), -1, jnp.int32),
+      count=jnp.zeros((batch,), jnp.int32),
+      items=jnp.full((batch, spec.num_items), -1, jnp.int32), banned=banned)
+
+
+def _end_token(spec: ConstraintSpec, count: jax.Array) -> jax.Array:
+  """[B] token that completes the current item: delimiter[0], or EOS for the K-th item."""
+  if spec.num_items == 1:
+    return jnp.full_like(count, spec.eos_token_id)
+  return jnp.where(count + 1 < spec.num_items, spec.delimiter[0], spec.eos_token_id)
+
+
+def _children_mask(trie: TrieArrays, node: jax.Array) -> jax.Array:
+  """[B] nodes -> [B, V] bool mask of their child tokens."""
+  batch, vocab = node.shape[0], trie.vocab_size
+  rows = jnp.arange(batch)[:, None]
+  start, stop = trie.first_child[node], trie.first_child[node + 1]  # [B]
+  idx = start[:, None] + jnp.arange(trie.max_sparse_degree)  # [B, D]
+  kid_tok = jnp.where(idx < stop[:, None], trie.token[jnp.minimum(idx, trie.token.shape[0] - 1)],
+                      vocab)  # [B, D], vocab = dropped
+  mask = jnp.zeros((batch, vocab), bool).at[rows, kid_tok].set(True, mode="drop")  # [B, V]
+  if trie.dense_nodes.shape[0] == 0:
+    return mask
+  d = jnp.clip(jnp.searchsorted(trie.dense_nodes, node), 0, trie.dense_nodes.shape[0] - 1)
+  is_dense = trie.dense_nodes[d] == node  # [B]
+  words = trie.dense_bits[d]  # [B, W]
+  bits = (words[:, :, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1  # [B, W, 32]
+  dense = bits.reshape(batch, -1)[:, :vocab].astype(bool)  # [B, V]
+  return jnp.where(is_dense[:, None], dense, mask)
+
+
+def _exhausted_children(trie: TrieArrays, node: jax.Array, banned: jax.Array) -> jax.Array:
+  """[B, M] tokens of children of `node` whose every leaf is banned (else V = no-op)."""
+  node_b = node[:, None]  # [B, 1]
+  own = trie.terminal[node_b].astype(jnp.int32)
+  below = (banned >= trie.leaf_lo[node_b] + own) & (banned < trie.leaf_hi[node_b])  # [B, M]
+  child = _segment_search(trie.leaf_lo, trie.first_child[node_b], trie.first_child[node_b + 1],
+                          banned, trie.search_steps)  # [B, M] child holding each banned leaf
+  child = jnp.clip(child, 0, trie.token.shape[0] - 1)
+  lo, hi = trie.leaf_lo[child], trie.leaf_hi[child]  # [B, M]
+  exhausted = below & (_count_in_range(banned, lo, hi) == hi - lo)
+  return jnp.where(exhausted, trie.token[child], trie.vocab_size)
+
+
+def allowed_tokens(trie: TrieArrays, spec: ConstraintSpec, state: ConstraintState) -> jax.Array:
+  """[B, V] bool: tokens that keep every row on a path to a new, non-banned catalog item."""
+  batch, vocab = state.node.shape[0], trie.vocab_size
+  rows = jnp.arange(batch)
+  node = state.node
+  mask = _children_mask(trie, node)  # [B, V]
+  mask = mask.at[rows[:, None], _exhausted_children(trie, node, state.banned)].set(
+      False, mode="drop")
+  # The current node ends a title: allow its end token unless that title is banned.
+  own_leaf = trie.leaf_lo[node]  # [B]
+  own_banned = jnp.any(state.banned == own_leaf[:, None], axis=-1)
+  end_ok = trie.terminal[node] & ~own_banned  # [B]
+  end_tok = _end_token(spec, state.count)
+  mask = mask.at[rows, end_tok].set(mask[rows, end_tok] | end_ok)
+  vocab_ids = jnp.arange(vocab)
+  if spec.delimiter:
+    delim = jnp.asarray(spec.delimiter, jnp.int32)
+    want = delim[jnp.clip(state.delim_pos, 0, len(spec.delimiter) - 1)]  # [B]
+    mask = jnp.where((state.delim_pos >= 0)[:, None], vocab_ids == want[:, None], mask)
+  # Finished rows (and, defensively, rows with nothing left) may only end.
+  stuck = (state.count >= spec.num_items) | ~jnp.any(mask, axis=-1)
+  return jnp.where(stuck[:, None], vocab_ids == spec.eos_token_id, mask)
+
+
+def advance(trie: TrieArrays, spec: ConstraintSpec, state: ConstraintState,
+            token: jax.Array) -> ConstraintState:
+  """Moves every row along `token` [B] (which must have been allowed)."""
+  node, count = state.node, state.count
+  start, stop = trie.first_child[node], trie.first_child[node + 1]
+  idx = _segment_search(trie.token, start, stop, token, trie.search_steps)  # [B]
+  child = jnp.clip(idx, 0, trie.token.shape[0] - 1)
+  found = (idx >= start) & (trie.token[child] == token)
+  in_delim = state.delim_pos >= 0
+  finished = count >= spec.num_items
+  ends = ~in_delim & ~finished & ~found & trie.terminal[node] & (token == _end_token(spec, count))
+
+  # Item completed: record its leaf and ban it (the last banned slot is always a free sentinel).
+  leaf = trie.leaf_lo[node]
+  slot = jnp.arange(spec.num_items)[None, :] == count[:, None]  # [B, K]
+  items = jnp.where(ends[:, None] & slot, leaf[:, None], state.items)
+  banned = state.banned.at[:, -1].set(jnp.where(ends, leaf, state.banned[:, -1]))
+  banned = jnp.sort(banned, axis=-1)
+  count = count + ends.astype(jnp.int32)
+
+  n_delim = len(spec.delimiter)
+  delim_pos = state.delim_pos + in_delim.astype(jnp.int32)  # consumed one delimiter token
+  restart = (in_delim & (delim_pos >= n_delim)) | (ends & (count < spec.num_items) & (n_delim == 1))
+  delim_pos = jnp.where(in_delim & (delim_pos >= n_delim), -1, delim_pos)
+  if n_delim > 1:
+    delim_pos = jnp.where(ends & (count < spec.num_items), 1, delim_pos)
+  node = jnp.where(found & ~in_delim & ~finished, child, node)
+  node = jnp.where(restart, 0, node)
+  return ConstraintState(node=node, delim_pos=delim_pos, count=count, items=items, banned=banned)

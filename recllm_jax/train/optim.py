@@ -1,0 +1,151 @@
+"""Optimizer, train state and the task-agnostic jitted update step.
+
+Every trainer (SFT now, GRPO later) describes its objective as a `LossFn` returning a
+*sum* and a *weight* (e.g. summed token cross-entropy and the number of target tokens). The
+update step divides the summed gradients by the summed weights of all micro-batches, so
+gradient accumulation computes exactly the loss and gradient of one big batch, whatever the
+split. The step runs on `nnx.split` state with plain `jax.jit` and donates the train state,
+so params and optimizer moments are updated in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+# (model, batch, rng) -> (loss_sum, weight, aux sums). Aux values are summed over micro-batches
+# and divided by the total weight too, so they report per-weight means.
+LossFn = Callable[[nnx.Module, Mapping[str, jax.Array], jax.Array],
+                  tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
+StepFn = Callable[["TrainState", Mapping[str, jax.Array]], tuple["TrainState", dict[str, jax.Array]]]
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training and must be checkpointed (besides data state)."""
+
+  step: jax.Array  # int32 []
+  params: nnx.State
+  opt_state: optax.OptState
+  rng: jax.Array  # raw uint32 key data, so Orbax saves it as a plain array
+
+
+def make_schedule(lr: float, num_steps: int, warmup_steps: int,
+                  min_lr_ratio: float = 0.0) -> optax.Schedule:
+  """Linear warmup from 0 to `lr`, then cosine decay to `lr * min_lr_ratio` at `num_steps`."""
+  warmup_steps = max(0, min(warmup_steps, num_steps))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=lr, warmup_steps=warmup_steps,
+      decay_steps=max(num_steps, warmup_steps + 1), end_value=lr * min_lr_ratio)
+
+
+def _decay_mask(params: Any) -> Any:
+  """Weight decay on matrices only: biases and norm scales are not regularised."""
+
+  def decays(path, _) -> bool:
+    name = str(getattr(path[-1], "key", path[-1]))
+    return name not in ("bias", "scale")
+
+  return jax.tree.map_with_path(decays, params)
+
+
+def make_optimizer(schedule: optax.Schedule, *, weight_decay: float, max_grad_norm: float,
+                   b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8
+                   ) -> optax.GradientTransformation:
+  """Global-norm clipping followed by AdamW (decoupled weight decay on matrices)."""
+  parts = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm > 0 else []
+  parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                           mask=_decay_mask))
+  return optax.chain(*parts)
+
+
+def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation,
+                     seed: int) -> tuple[nnx.GraphDef, TrainState]:
+  """Splits the (sharded) model; optimizer moments inherit the parameters' shardings."""
+  graphdef, params = nnx.split(model, nnx.Param)
+  state = jax.jit(lambda p: TrainState(
+      step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p),
+      rng=jax.random.key_data(jax.random.key(seed))))(params)
+  return graphdef, state
+
+
+def _split_micro(batch: Mapping[str, jax.Array], n: int) -> dict[str, jax.Array]:
+  def split(x):
+    if x.shape[0] % n:
+      raise ValueError(f"batch of {x.shape[0]} rows is not divisible into {n} micro-batches")
+    return x.reshape(n, x.shape[0] // n, *x.shape[1:])
+  return {k: split(v) for k, v in batch.items()}
+
+
+def _accumulated_grads(graphdef: nnx.GraphDef, loss_fn: LossFn, params: nnx.State,
+                       batch: Mapping[str, jax.Array], rng: jax.Array, grad_accum_steps: int):
+  """Sums of loss, weight, aux and gradients over micro-batches (one `lax.scan`)."""
+
+  def summed(p, micro, key):
+    loss_sum, weight, aux = loss_fn(nnx.merge(graphdef, p), micro, key)
+    return loss_sum, (weight, aux)
+
+  grad_fn = jax.value_and_grad(summed, has_aux=True)
+  if grad_accum_steps == 1:
+    (loss_sum, (weight, aux)), grads = grad_fn(params, batch, rng)
+    return loss_sum, weight, aux, grads
+
+  micro = _split_micro(batch, grad_accum_steps)
+  keys = jax.random.split(rng, grad_accum_steps)
+  first = jax.tree.map(lambda x: x[0], (micro, keys))
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                       jax.eval_shape(grad_fn, params, *first))
+
+  def body(carry, xs):
+    return jax.tree.map(jnp.add, carry, grad_fn(params, *xs)), None
+
+  ((loss_sum, (weight, aux)), grads), _ = jax.lax.scan(body, zeros, (micro, keys))
+  return loss_sum, weight, aux, grads
+
+
+def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
+                    loss_fn: LossFn, schedule: optax.Schedule,
+                    grad_accum_steps: int = 1) -> StepFn:
+  """`state, batch -> state, metrics`, jitted with the state donated.
+
+  metrics: `loss` (sum/weight over the whole batch), `grad_norm` (before clipping),
+  `learning_rate` (used by this update), `weight` and every aux mean.
+  """
+
+  def step(state: TrainState, batch: Mapping[str, jax.Array]):
+    rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
+    loss_sum, weight, aux, grads = _accumulated_grads(
+        graphdef, loss_fn, state.params, batch, step_rng, grad_accum_steps)
+    denom = jnp.maximum(weight, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss_sum / denom, "grad_norm": optax.global_norm(grads),
+               "learning_rate": schedule(state.step), "weight": weight,
+               **{k: v / denom for k, v in aux.items()}}
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                           rng=jax.random.key_data(rng))
+    return new_state, metrics
+
+  return jax.jit(step, donate_argnums=0)
+
+
+def make_eval_step(graphdef: nnx.GraphDef, loss_fn: LossFn
+                   ) -> Callable[[nnx.State, Mapping[str, jax.Array]], tuple[jax.Array, jax.Array]]:
+  """`params, batch -> (loss_sum, weight)`; callers sum over batches, then divide."""
+
+  def step(params, batch):
+    loss_sum, weight, _ = loss_fn(nnx.merge(graphdef, params), batch, jax.random.key(0))
+    return loss_sum, weight
+
+  return jax.jit(step)
+
+
+__all__ = ["LossFn", "StepFn", "TrainState", "init_train_state", "make_eval_step",
+           "make_optimizer", "make_schedule", "make_train_step"]

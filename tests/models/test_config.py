@@ -1,0 +1,78 @@
+import json
+
+import jax
+import pytest
+from flax import nnx
+
+from recllm_jax.models import ConfigError, Qwen2Config, Qwen2ForCausalLM, count_params
+from recllm_jax.models.config import deepseek_r1_distill_qwen_1_5b
+
+# DeepSeek-R1-Distill-Qwen-1.5B's config.json as transformers 4.x writes it.
+R1_DISTILL_4X = {
+    "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+    "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 1536, "initializer_range": 0.02,
+    "intermediate_size": 8960, "max_position_embeddings": 131072, "max_window_layers": 21,
+    "model_type": "qwen2", "num_attention_heads": 12, "num_hidden_layers": 28,
+    "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "rope_theta": 10000, "sliding_window": 4096,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.44.0",
+    "use_cache": True, "use_mrope": False, "use_sliding_window": False, "vocab_size": 151936,
+}
+
+
+def _as_5x(hf):
+  hf = dict(hf)
+  hf["rope_parameters"] = {"rope_type": "default", "rope_theta": hf.pop("rope_theta")}
+  hf["dtype"] = hf.pop("torch_dtype")
+  return hf
+
+
+@pytest.mark.parametrize("layout", ["4.x", "5.x"])
+def test_reads_both_transformers_layouts(layout):
+  hf = R1_DISTILL_4X if layout == "4.x" else _as_5x(R1_DISTILL_4X)
+  cfg = Qwen2Config.from_hf_dict(hf)
+  assert cfg.rope_theta == 10000.0
+  assert cfg.param_dtype == "bfloat16" and cfg.dtype == "bfloat16"
+  assert cfg.head_dim == 128 and not cfg.tie_word_embeddings
+  ref = deepseek_r1_distill_qwen_1_5b()
+  for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "rms_norm_eps",
+                "tie_word_embeddings"):
+    assert getattr(cfg, field) == getattr(ref, field), field
+
+
+def test_rope_theta_from_5x_rope_parameters_wins():
+  hf = _as_5x({**R1_DISTILL_4X, "rope_theta": 1e6})
+  assert Qwen2Config.from_hf_dict(hf).rope_theta == 1e6
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"use_sliding_window": True}, "use_sliding_window"),
+    ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "'yarn'"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "'linear'"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"model_type": "llama"}, "llama"),
+    ({"num_key_value_heads": 5}, "num_key_value_heads=5"),
+])
+def test_unsupported_settings_raise(change, message):
+  with pytest.raises(ConfigError, match=message):
+    Qwen2Config.from_hf_dict({**R1_DISTILL_4X, **change})
+
+
+def test_invalid_json_names_file_and_line(tmp_path):
+  (tmp_path / "config.json").write_text('{\n  "vocab_size": 10,\n  oops\n}')
+  with pytest.raises(ConfigError, match=r"config.json:3"):
+    Qwen2Config.from_pretrained(tmp_path)
+
+
+def test_hf_dict_round_trip():
+  cfg = Qwen2Config.from_hf_dict(R1_DISTILL_4X)
+  again = Qwen2Config.from_hf_dict(json.loads(json.dumps(cfg.to_hf_dict())))
+  assert again == cfg
+
+
+def test_r1_distill_preset_has_exactly_1_777_088_000_params_without_allocating():
+  abstract = nnx.eval_shape(lambda: Qwen2ForCausalLM(deepseek_r1_distill_qwen_1_5b(),
+                                                     rngs=nnx.Rngs(0)))
+  leaves = jax.tree.leaves(nnx.state(abstract, nnx.Param))
+  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+  assert count_params(abstract) == 1_777_088_000

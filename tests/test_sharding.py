@@ -1,0 +1,81 @@
+"""Meshes, logical rules, and an 8-device FSDP x tensor model equal to one device."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+import recllm_jax
+from recllm_jax import sharding
+from recllm_jax.models import Qwen2ForCausalLM
+from recllm_jax.models.config import tiny
+
+pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
+
+
+def test_make_mesh_fills_minus_one():
+  mesh = sharding.make_mesh(data=2, fsdp=-1, tensor=2)
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert dict(sharding.make_mesh().shape) == {"data": 1, "fsdp": 8, "tensor": 1}
+
+
+@pytest.mark.parametrize("axes", [dict(data=3, fsdp=-1), dict(data=2, fsdp=2, tensor=1),
+                                  dict(data=-1, fsdp=-1)])
+def test_make_mesh_rejects_bad_shapes(axes):
+  with pytest.raises(ValueError, match="mesh|devices"):
+    sharding.make_mesh(**axes)
+
+
+def test_logical_rules_replicate_non_divisible_dims():
+  mesh = sharding.make_mesh(fsdp=2, tensor=4)
+  assert sharding.logical_to_spec(("embed", "kv_heads", "head_dim"), (64, 4, 16), mesh) == P(
+      "fsdp", "tensor", None)
+  # 2 KV heads cannot be split 4 ways: replicate that dim rather than fail.
+  assert sharding.logical_to_spec(("embed", "kv_heads", "head_dim"), (64, 2, 16), mesh) == P(
+      "fsdp", None, None)
+  assert sharding.logical_to_spec(("batch", "length"), (8, 5), mesh) == P("fsdp", None)
+  with pytest.raises(KeyError, match="'nonsense'"):
+    sharding.logical_to_spec(("nonsense",), (4,), mesh)
+
+
+def test_eight_device_mesh_matches_single_device(hf_checkpoint):
+  path, _ = hf_checkpoint(num_attention_heads=8, num_key_value_heads=4)
+  ids = np.random.RandomState(0).randint(3, 128, (4, 10))
+  mask = np.ones_like(ids)
+  mask[1, :4] = 0
+  single = recllm_jax.load_hf_model(path)(jnp.asarray(ids), jnp.asarray(mask))
+
+  mesh = sharding.make_mesh(fsdp=2, tensor=4)
+  model = recllm_jax.load_hf_model(path, mesh=mesh)
+  q = model.layers[0].self_attn.q_proj.kernel.get_value()
+  assert q.sharding.spec == P("fsdp", "tensor", None)
+  assert q.addressable_shards[0].data.shape == (32, 2, 8)  # [64, 8, 8] / (fsdp 2, tensor 4)
+  assert model.layers[0].mlp.down_proj.kernel.get_value().sharding.spec == P("tensor", "fsdp")
+  assert model.lm_head.kernel.get_value().sharding.spec == P("fsdp", "tensor")
+  assert model.embed_tokens.embedding.get_value().sharding.spec == P("tensor", "fsdp")
+
+  graphdef, state = nnx.split(model)
+  batch_sharding = jax.NamedSharding(mesh, P(("data", "fsdp")))
+
+  @jax.jit
+  def forward(state, ids, mask):
+    return nnx.merge(graphdef, state)(ids, mask)
+
+  with jax.set_mesh(mesh):
+    sharded = forward(state, jax.device_put(ids, batch_sharding), jax.device_put(mask, batch_sharding))
+  np.testing.assert_allclose(np.asarray(sharded)[mask.astype(bool)],
+                             np.asarray(single)[mask.astype(bool)], atol=1e-5)
+
+
+def test_create_sharded_never_builds_an_unsharded_copy():
+  mesh = sharding.make_mesh(fsdp=2, tensor=4)
+  cfg = tiny(vocab_size=256)
+  model = sharding.create_sharded(lambda: Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0)), mesh)
+  up = model.layers[0].mlp.up_proj.kernel.get_value()
+  assert up.sharding.spec == P("fsdp", "tensor")
+  assert up.addressable_shards[0].data.shape == (64, 88)
+  # Same values as an unsharded (jitted) init with the same seed.
+  ref = sharding.create_sharded(lambda: Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0)), mesh=None)
+  np.testing.assert_array_equal(np.asarray(up), np.asarray(ref.layers[0].mlp.up_proj.kernel[...]))
