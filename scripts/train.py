@@ -8,6 +8,7 @@ unknown keys are rejected. Re-running the same command resumes from the latest c
 from __future__ import annotations
 
 import logging
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -22,8 +23,15 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-  from recllm_jax.train.loop import train  # after flag parsing: --help stays fast
-  train(_CONFIG.value)
+  logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save step at INFO.
+  # Imported after flag parsing so that --help stays fast.
+  from recllm_jax.data.errors import DataError
+  from recllm_jax.train.loop import NonFiniteLossError, train
+  try:
+    train(_CONFIG.value)
+  except (DataError, NonFiniteLossError, FileNotFoundError) as e:
+    # Expected user-facing failures: a clear message, no traceback.
+    sys.exit(f"error: {type(e).__name__}: {e}")
 
 
 if __name__ == "__main__":

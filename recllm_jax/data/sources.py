@@ -21,7 +21,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +29,16 @@ from recllm_jax.data.catalog import Catalog, Item
 from recllm_jax.data.errors import DataError
 
 __all__ = [
+  "CATALOG_FILE",
   "Example",
-  "RecDataset",
-  "load_dataset",
-  "read_jsonl",
-  "read_amazon18",
   "FORMATS",
+  "INTERACTIONS_FILE",
+  "RecDataset",
   "SPLITS",
+  "detect_format",
+  "load_dataset",
+  "read_amazon18",
+  "read_jsonl",
 ]
 
 FORMATS = ("auto", "jsonl", "amazon18", "synthetic")
@@ -128,9 +131,7 @@ class _BadRows:
     self.skipped += 1
 
 
-def _filter_examples(
-  examples: list[Example], min_history: int, max_history: int | None
-) -> list[Example]:
+def _filter_examples(examples: list[Example], min_history: int, max_history: int | None) -> list[Example]:
   return [ex.truncated(max_history) for ex in examples if len(ex.history) >= min_history]
 
 
@@ -146,9 +147,7 @@ def _require_file(path: Path) -> None:
     raise DataError("file not found", path=path)
 
 
-def _require_nonempty(
-  examples: list[Example], split: str, path: Path, skipped: int
-) -> None:
+def _require_nonempty(examples: list[Example], split: str, path: Path, skipped: int) -> None:
   if not examples:
     raise DataError(
       f"no usable {split} examples ({skipped} bad rows skipped); "
@@ -183,9 +182,18 @@ def _example_at(
 
 
 def _iter_jsonl(path: Path, bad: _BadRows) -> Iterator[tuple[int, dict[str, Any]]]:
-  """Yield ``(1-based line, object)``; blank lines are allowed and ignored."""
-  with path.open("r", encoding="utf-8") as f:
-    for lineno, text in enumerate(f, start=1):
+  """Yield ``(1-based line, object)``; blank lines are allowed and ignored.
+
+  Lines are decoded one at a time so that invalid UTF-8 is reported (or
+  skipped) with its line number like any other bad row.
+  """
+  with path.open("rb") as f:
+    for lineno, raw in enumerate(f, start=1):
+      try:
+        text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+      except UnicodeDecodeError as e:
+        bad.handle(DataError(f"invalid UTF-8 at byte {e.start}", path=path, line=lineno))
+        continue
       if not text.strip():
         continue
       try:
@@ -377,7 +385,7 @@ def _interaction_examples(
   n = len(sequence.ids)
 
   def at(t: int) -> list[Example]:
-    if t < max(min_history, 0):
+    if t < min_history:
       return []
     return [_example_at(user_id, sequence.ids, t, profile=profile, timestamps=timestamps, actions=actions)]
 
@@ -440,15 +448,19 @@ def _read_amazon_csv(path: Path, catalog: Catalog, bad: _BadRows) -> list[_Amazo
   rows: list[_AmazonRow] = []
   with path.open("r", encoding="utf-8", newline="") as f:
     reader = csv.DictReader(f)
-    missing = {"user_id", "history_item_id", "item_id"} - set(reader.fieldnames or ())
-    if missing:
-      raise DataError(f"missing columns {sorted(missing)}", path=path, line=1)
-    for record in reader:
-      line = reader.line_num
-      try:
-        rows.append(_parse_amazon_record(record, catalog, path, line))
-      except DataError as e:
-        bad.handle(e)
+    try:
+      missing = {"user_id", "history_item_id", "item_id"} - set(reader.fieldnames or ())
+      if missing:
+        raise DataError(f"missing columns {sorted(missing)}", path=path, line=1)
+      for record in reader:
+        try:
+          rows.append(_parse_amazon_record(record, catalog, path, reader.line_num))
+        except DataError as e:
+          bad.handle(e)
+    except UnicodeDecodeError as e:  # the csv module reads in chunks, so only the file is known
+      raise DataError(f"invalid UTF-8 ({e.reason})", path=path) from None
+    except csv.Error as e:
+      raise DataError(f"malformed CSV: {e}", path=path, line=reader.line_num) from None
   return rows
 
 
@@ -524,7 +536,7 @@ def read_amazon18(
   seen: set[tuple[str, tuple[str, ...], str]] = set(held_keys)
   for row in valid_rows:
     sequence = row.history + (row.target,)
-    for t in range(max(min_history, 0), len(sequence)):
+    for t in range(min_history, len(sequence)):
       ex = _example_at(row.user_id, sequence, t)
       key = (ex.user_id, ex.history, ex.targets[0])
       if key not in seen:
@@ -606,16 +618,12 @@ def load_dataset(
   elif fmt == "auto":
     fmt = detect_format(root)
 
-  readers: dict[str, Callable[..., RecDataset]] = {
-    "jsonl": lambda: read_jsonl(
-      root, on_bad_data=on_bad_data, min_history=min_history, max_history=max_history
-    ),
-    "amazon18": lambda: read_amazon18(
+  if fmt == "amazon18":
+    return read_amazon18(
       root,
       on_bad_data=on_bad_data,
       min_history=min_history,
       max_history=max_history,
       valid_fraction=valid_fraction,
-    ),
-  }
-  return readers[fmt]()
+    )
+  return read_jsonl(root, on_bad_data=on_bad_data, min_history=min_history, max_history=max_history)

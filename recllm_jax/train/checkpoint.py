@@ -30,6 +30,7 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=max(every, 1), max_to_keep=keep,
         enable_async_checkpointing=async_save, create=True)
+    self.every = max(every, 1)
     self._manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=("state", "data"))
 
@@ -39,7 +40,7 @@ class Checkpointer:
   def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator,
            force: bool = False) -> bool:
     """Starts an (async) save; returns whether one was started (interval or `force`)."""
-    if step in self._manager.all_steps():
+    if not (force or step % self.every == 0) or step in self._manager.all_steps():
       return False
     saved = self._manager.save(
         step, args=ocp.args.Composite(

@@ -169,6 +169,8 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
   save_config(config, workdir)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   tc = config.train
+  # Measured before any data or checkpoint threads start competing for the CPU.
+  peak, peak_source = metrics_lib.peak_flops_per_device(tc.peak_flops)
 
   task = make_task(config, workdir)
   model = build_model(config.model, mesh, task.vocab_size, config.seed)
@@ -190,7 +192,6 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
     state = ckpt.restore(start, state, data)
   last_saved = start or None
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
-  peak, peak_source = metrics_lib.peak_flops_per_device(tc.peak_flops)
   log.info("model: %s; %d params; peak %.3g FLOP/s per device (%s)", model_cfg,
            sum(x.size for x in jax.tree.leaves(state.params)), peak, peak_source)
   throughput = metrics_lib.Throughput(lambda t: metrics_lib.flops_per_token(model_cfg, t),

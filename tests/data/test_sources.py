@@ -11,7 +11,7 @@ import pytest
 from recllm_jax.data import DataError, Example, load_dataset, read_amazon18, read_jsonl
 from recllm_jax.data.sources import detect_format
 
-from conftest import CATALOG_ROWS, make_jsonl_dataset, write_jsonl
+from sample_data import CATALOG_ROWS, write_jsonl
 
 OFFICE_DIR = (Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "amazon18" / "Office_Products").resolve()
 
@@ -311,3 +311,11 @@ def test_amazon_reader_errors_and_dedup(tmp_path):
   assert ds.skipped == 2 and len(ds.train) == 2
   with pytest.raises(DataError, match=r"valid\.csv: no usable train examples"):
     read_amazon18(_fake_amazon(tmp_path / "empty", []))
+
+
+def test_invalid_utf8_line(jsonl_dataset):
+  root = jsonl_dataset([GOOD])
+  with (root / "interactions.jsonl").open("ab") as f:
+    f.write(b'{"user_id": "\xff"}\n')
+  assert _error(root) == f"{root / 'interactions.jsonl'}:2: invalid UTF-8 at byte 13"
+  assert read_jsonl(root, on_bad_data="skip").skipped == 1
