@@ -40,7 +40,7 @@ class Item:
 
   item_id: str
   title: str
-  attributes: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  attributes: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 class Catalog:

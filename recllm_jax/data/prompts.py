@@ -155,6 +155,10 @@ def render_history(
     return count_tokens(_render_items(history[-k:], catalog, cfg), tokenizer) <= cfg.max_history_tokens
 
   lo, hi = 1, len(history)  # invariant: lo items are kept (fits or minimum), answer in [lo, hi]
+  if fits(hi):  # the common case costs a single tokenizer call
+    lo = hi
+  else:
+    hi -= 1
   while lo < hi:
     mid = (lo + hi + 1) // 2
     if fits(mid):

@@ -95,7 +95,6 @@ def train_bpe_tokenizer(
     eos_token=EOS_TOKEN,
     pad_token=PAD_TOKEN,
     additional_special_tokens=[USER_TOKEN, ASSISTANT_TOKEN],
-    padding_side="left",
     model_max_length=1 << 20,
   )
   if chat_template:

@@ -126,7 +126,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss_sum / denom, "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads),
                "learning_rate": schedule(state.step), "weight": weight,
                **{k: v / denom for k, v in aux.items()}}
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
