@@ -82,12 +82,14 @@ class BeamSearchOutput:
   scores: [B, R] fp32 sum of token log-probs (model log-softmax, EOS included), -inf where
     fewer than R valid sequences exist. Ranking uses scores / lengths**length_penalty.
   items: [B, R] int32 trie leaf id of each sequence (constrained), else None.
+  steps: [] int32 decode steps actually run (early stop once no live beam can improve).
   """
 
   tokens: jax.Array
   lengths: jax.Array
   scores: jax.Array
   items: jax.Array | None = None
+  steps: jax.Array | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,7 +354,7 @@ def _gather_rows(tree: Any, index: jax.Array) -> Any:
 def _penalised(scores: jax.Array, lengths: jax.Array, length_penalty: float) -> jax.Array:
   if length_penalty == 0.0:
     return scores
-  return scores / lengths.astype(jnp.float32) ** length_penalty
+  return scores / jnp.asarray(lengths, jnp.float32) ** length_penalty
 
 
 def _keep_best(scores, *fields, k: int):
@@ -450,7 +452,7 @@ def _beam_jit(graphdef, state, ids, mask, trie, history, *, max_new_tokens, cach
         jnp.concatenate([lengths, live_len], 1), k=num_return)
   tokens = jnp.where((jnp.arange(m) < lengths[..., None]), tokens, pad_id)
   return BeamSearchOutput(tokens=tokens, lengths=lengths, scores=sums,
-                          items=None if spec is None else items)
+                          items=None if spec is None else items, steps=carry.step)
 
 
 def beam_search(model: Qwen2ForCausalLM, input_ids: Any, attention_mask: Any, *,

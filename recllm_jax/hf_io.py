@@ -1,9 +1,9 @@
 """Hugging Face <-> Flax NNX conversion for Qwen2-family checkpoints (safetensors only).
 
-Loading streams one tensor at a time: each HF tensor is memory-mapped, viewed in the Flax layout
-(transposes and head splits are numpy views, not copies) and each device receives only its own
-shard through `jax.make_array_from_callback`. Peak host memory is therefore about one tensor plus
-the (sharded) result. Pickled `.bin` checkpoints are never read.
+Loading streams one tensor at a time and each device's shard is read straight from the
+memory-mapped file (`jax.make_array_from_callback` + safetensors slices), in the Flax layout.
+Peak host memory is therefore about one shard plus the (sharded) result, and on several hosts
+each process reads only the bytes of its own devices. Pickled `.bin` checkpoints are never read.
 """
 
 from __future__ import annotations
@@ -55,14 +55,43 @@ class _Layout:
     n = self.linear_in
     return (math.prod(flax_shape[n:]), math.prod(flax_shape[:n]))
 
-  def to_flax(self, x: np.ndarray, flax_shape: tuple[int, ...]) -> np.ndarray:
-    # Views only: transposing and splitting a dimension never copies in numpy.
-    return (x if self.linear_in is None else x.T).reshape(flax_shape)
+  def read_shard(self, lazy: Any, index: tuple[slice, ...],
+                 flax_shape: tuple[int, ...]) -> np.ndarray:
+    """Reads only the HF bytes behind one device's `index` into the Flax parameter.
+
+    `lazy` is a safetensors slice handle, so a device's shard is read straight from the file
+    (memory-mapped) without materialising the whole tensor on the host.
+    """
+    index = tuple(slice(*s.indices(d)[:2]) for s, d in zip(index, flax_shape))
+    if self.linear_in is None:
+      if not self.flat:
+        return lazy[index]
+      rows, local, rest = _contiguous(index, flax_shape)
+      return lazy[rows].reshape(local)[rest]
+    n = self.linear_in
+    in_rows, in_local, in_rest = _contiguous(index[:n], flax_shape[:n])
+    out_rows, out_local, out_rest = _contiguous(index[n:], flax_shape[n:])
+    part = lazy[out_rows, in_rows]  # HF layout [out, in]
+    return part.T.reshape(in_local + out_local)[in_rest + out_rest]
 
   def to_hf(self, y: np.ndarray) -> np.ndarray:
     if self.linear_in is None:
       return y.reshape(self.hf_shape(y.shape))
     return np.ascontiguousarray(y.reshape(self.hf_shape(y.shape)[::-1]).T)
+
+
+def _contiguous(index: tuple[slice, ...], dims: tuple[int, ...]):
+  """Maps a slice of dims that HF stores flattened to (flat slice, local shape, leftover index).
+
+  Row-major flattening keeps a slice contiguous when only the leading dim is sliced (the usual
+  case: heads are sharded, head_dim never is). Otherwise the whole group is read and sliced after.
+  """
+  inner = math.prod(dims[1:])
+  if all((s.start, s.stop) == (0, d) for s, d in zip(index[1:], dims[1:])):
+    first = index[0]
+    full = (slice(None),) * len(dims)
+    return slice(first.start * inner, first.stop * inner), (first.stop - first.start, *dims[1:]), full
+  return slice(0, math.prod(dims)), tuple(dims), index
 
 
 _COPY, _FLAT, _LINEAR, _LINEAR_2IN = _Layout(), _Layout(flat=True), _Layout(1), _Layout(2)
@@ -119,19 +148,18 @@ def _checkpoint_files(path: Path) -> dict[str, Path]:
 
 
 def _iter_tensors(files: dict[str, Path]) -> Iterator[tuple[str, Path, Any]]:
-  """Yields (name, file, lazy slice) grouped by file, so each file is opened once."""
-  by_file: dict[Path, list[str]] = {}
-  for name, file in files.items():
-    by_file.setdefault(file, []).append(name)
-  for file, names in by_file.items():
+  """Yields (name, file, lazy slice handle), opening the file anew for every tensor.
+
+  safetensors memory-maps the file, and pages read through the map count as resident until it
+  is closed. Re-opening per tensor (the header parse is cheap) bounds that to one tensor.
+  """
+  for name, file in sorted(files.items(), key=lambda kv: str(kv[1])):
     if not file.exists():
-      raise CheckpointError(f"{file}: shard listed in the index is missing (holds {names[0]!r})")
+      raise CheckpointError(f"{file}: shard listed in the index is missing (holds {name!r})")
     with safe_open(file, framework="np") as f:
-      present = set(f.keys())
-      for name in names:
-        if name not in present:
-          raise CheckpointError(f"{file}: index lists tensor {name!r} but the file lacks it")
-        yield name, file, f
+      if name not in f.keys():
+        raise CheckpointError(f"{file}: index lists tensor {name!r} but the file lacks it")
+      yield name, file, f.get_slice(name)
 
 
 _CASTABLE = {"F32", "F16", "BF16", "F64"}
@@ -162,7 +190,7 @@ def load_hf_model(path: str | os.PathLike, *, dtype: Any = jnp.float32, mesh: Me
 
   files = _checkpoint_files(path)
   loaded: dict[str, jax.Array] = {}
-  for hf_name, file, handle in _iter_tensors(files):
+  for hf_name, file, lazy in _iter_tensors(files):
     mapped = hf_to_flax_name(hf_name)
     if mapped is None or mapped[0] not in targets:
       if cfg.tie_word_embeddings and hf_name == "lm_head.weight":
@@ -171,7 +199,6 @@ def load_hf_model(path: str | os.PathLike, *, dtype: Any = jnp.float32, mesh: Me
                             f"{'tied' if cfg.tie_word_embeddings else 'untied'} Qwen2 model)")
     flax_name, layout = mapped
     target = targets[flax_name].get_value()
-    lazy = handle.get_slice(hf_name)
     src_dtype = lazy.get_dtype()
     if src_dtype not in _CASTABLE:
       raise CheckpointError(f"{file}: tensor {hf_name!r} has dtype {src_dtype}, which cannot be "
@@ -180,12 +207,11 @@ def load_hf_model(path: str | os.PathLike, *, dtype: Any = jnp.float32, mesh: Me
     if tuple(lazy.get_shape()) != expected:
       raise CheckpointError(f"{file}: tensor {hf_name!r} has shape {tuple(lazy.get_shape())}, "
                             f"expected {expected} for config.json")
-    view = layout.to_flax(handle.get_tensor(hf_name), target.shape)
     np_dtype = ml_dtypes.bfloat16 if target.dtype == jnp.bfloat16 else np.dtype(target.dtype)
     loaded[flax_name] = jax.make_array_from_callback(
         target.shape, shardings[flax_name],
-        lambda idx, v=view: np.ascontiguousarray(v[idx], dtype=np_dtype))
-    del view
+        lambda idx, lazy=lazy, layout=layout, shape=target.shape: np.ascontiguousarray(
+            layout.read_shard(lazy, idx, shape), dtype=np_dtype))
 
   missing = sorted(set(targets) - set(loaded))
   if missing:

@@ -49,8 +49,8 @@ def _decay_mask(params: Any) -> Any:
   """Weight decay on matrices only: biases and norm scales are not regularised."""
 
   def decays(path, _) -> bool:
-    name = str(getattr(path[-1], "key", path[-1]))
-    return name not in ("bias", "scale")
+    names = {str(getattr(k, "key", getattr(k, "name", k))) for k in path}
+    return not names & {"bias", "scale"}
 
   return jax.tree.map_with_path(decays, params)
 

@@ -61,7 +61,7 @@ def _optimizer(lr=1e-2):
 def test_grad_accumulation_equals_one_big_batch():
   batch = _batch()
   results = []
-  for accum in (1, 2, 4):
+  for accum in (1, 4):
     # Plain SGD: the parameter change *is* the gradient (Adam's first step is ~sign(g), which
     # amplifies float noise in near-zero gradients).
     schedule = optax.constant_schedule(1.0)
@@ -82,7 +82,7 @@ def test_grad_accumulation_equals_one_big_batch():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), p, p1)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"dtype": "bfloat16"}, {"remat": True}])
+@pytest.mark.parametrize("overrides", [{}, {"dtype": "bfloat16", "remat": True}])
 def test_train_step_fits_a_batch_on_a_mesh(overrides):
   mesh = sharding.make_mesh(data=2, fsdp=-1)
   cfg = _model(**overrides).cfg
@@ -93,11 +93,11 @@ def test_train_step_fits_a_batch_on_a_mesh(overrides):
   batch = jax.device_put(_batch(), jax.sharding.NamedSharding(mesh, jax.P(("data", "fsdp"))))
   losses = []
   with jax.set_mesh(mesh):
-    for _ in range(15):
+    for _ in range(10):
       state, metrics = step(state, batch)
       losses.append(float(metrics["loss"]))
   assert losses[-1] < losses[0] - 0.5, losses
-  assert int(state.step) == 15
+  assert int(state.step) == 10
   # Optimizer moments keep the parameters' (FSDP) sharding.
   emb = state.params["embed_tokens"]["embedding"].value
   assert not emb.sharding.is_fully_replicated

@@ -1,0 +1,256 @@
+"""Generation benchmark: recllm_jax.generate vs transformers, roofline, constraints, beam search.
+
+Run from the repo root:
+
+  .venv/bin/python benchmarks/generate.py            # everything
+  .venv/bin/python benchmarks/generate.py --skip-hf --skip-catalog   # JAX sampling only
+
+Sections:
+1. Sampling: random `benchmark_model()` Qwen2, P prompts x G samples, ~L-token prompts, N new
+   tokens at temperature 1. Times `recllm_jax.generate` (compile reported separately, then the
+   median of warm runs) and `transformers.generate(do_sample=True, num_return_sequences=G)` on the
+   same weights (exported with `hf_io.export_hf`, loaded by both), and the fraction of the fp32
+   matmul roofline measured in the same process.
+2. Synthetic catalog: trie memory, build time and per-step mask + advance cost for I items of
+   ~30 tokens over a Qwen-sized vocabulary.
+3. Beam search on the real Office_Products titles (if present): constrained (K=10) vs
+   unconstrained beam search of the same width, with a BPE tokenizer trained on the titles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from recllm_jax import constraints as cons  # noqa: E402
+from recllm_jax.generate import beam_search, generate  # noqa: E402
+from recllm_jax.hf_io import export_hf, load_hf_model  # noqa: E402
+from recllm_jax.models.config import benchmark_model  # noqa: E402
+from recllm_jax.models.qwen2 import Qwen2ForCausalLM  # noqa: E402
+
+OFFICE = REPO.parent / "shared" / "data" / "amazon18" / "Office_Products" / "items.json"
+
+
+def _timed(fn, repeats: int) -> tuple[float, list[float]]:
+  """(first-call seconds, warm-call seconds); blocks on the outputs."""
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn())
+  first = time.perf_counter() - t0
+  warm = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    warm.append(time.perf_counter() - t0)
+  return first, warm
+
+
+def matmul_flops_per_s(n: int = 2048, repeats: int = 5) -> float:
+  """Measured fp32 matmul throughput of this machine (jitted n x n x n jnp.dot)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  dot = jax.jit(jnp.dot)
+  _, warm = _timed(lambda: dot(a, b), repeats)
+  return 2 * n ** 3 / min(warm)
+
+
+def _prompts(batch: int, length: int, vocab: int, seed: int = 0):
+  """Left-padded random prompts of length in [0.8 L, L]."""
+  rng = np.random.default_rng(seed)
+  ids = np.zeros((batch, length), np.int32)
+  mask = np.zeros((batch, length), np.int32)
+  for b in range(batch):
+    n = int(rng.integers(int(0.8 * length), length + 1))
+    ids[b, length - n:] = rng.integers(3, vocab, n)
+    mask[b, length - n:] = 1
+  return ids, mask
+
+
+def bench_sampling(args, model, ckpt: Path) -> dict:
+  cfg = model.cfg
+  ids, mask = _prompts(args.prompts, args.prompt_len, cfg.vocab_size)
+  key = jax.random.key(0)
+  run = lambda: generate(model, ids, mask, max_new_tokens=args.new_tokens, rng=key,
+                         temperature=args.temperature, num_samples=args.samples)
+  first, warm = _timed(run, args.repeats)
+  out = run()
+  new_tokens = int(np.asarray(out.lengths).sum())
+  jax_s = statistics.median(warm)
+  res = dict(rows=args.prompts * args.samples, new_tokens=new_tokens,
+             jax_first_call_s=first, jax_compile_s=first - jax_s, jax_warm_s=jax_s,
+             jax_tok_per_s=new_tokens / jax_s)
+
+  embed = cfg.vocab_size * cfg.hidden_size
+  params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  matmul_params = params - embed + (embed if cfg.tie_word_embeddings else 0)  # + LM head
+  peak = matmul_flops_per_s()
+  prompt_tokens = int(mask.sum())
+  res.update(matmul_params=matmul_params, peak_matmul_gflops=peak / 1e9,
+             achieved_gflops_decode=2 * matmul_params * new_tokens / jax_s / 1e9,
+             roofline_decode=2 * matmul_params * new_tokens / jax_s / peak,
+             roofline_incl_prefill=2 * matmul_params * (new_tokens + prompt_tokens) / jax_s / peak)
+
+  if not args.skip_hf:
+    import torch
+    import transformers
+    torch.set_num_threads(args.torch_threads or os.cpu_count())
+    hf = transformers.Qwen2ForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    t_ids, t_mask = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
+
+    def hf_run():
+      with torch.no_grad():
+        return hf.generate(t_ids, attention_mask=t_mask, do_sample=True, temperature=args.temperature,
+                           top_k=0, top_p=1.0, num_return_sequences=args.samples,
+                           max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                           pad_token_id=0)
+
+    hf_first, hf_warm = _timed(hf_run, max(1, args.hf_repeats))
+    hf_out = hf_run()
+    hf_new = int((hf_out[:, ids.shape[1]:] >= 0).sum())
+    hf_s = statistics.median(hf_warm)
+    res.update(hf_new_tokens=hf_new, hf_warm_s=hf_s, hf_tok_per_s=hf_new / hf_s,
+               speedup_vs_hf=(new_tokens / jax_s) / (hf_new / hf_s))
+  return res
+
+
+def _synthetic_catalog(n: int, title_len: int, vocab: int, seed: int = 0) -> list[list[int]]:
+  """Titles with realistic prefix sharing: Zipf brands (1-3 tokens) + product-line tokens +
+  random tail, ~title_len tokens each."""
+  rng = np.random.default_rng(seed)
+  brands = [list(rng.integers(100, vocab, rng.integers(1, 4))) for _ in range(max(1, n // 50))]
+  lines = [list(rng.integers(100, vocab, rng.integers(2, 6))) for _ in range(max(1, n // 10))]
+  brand_of = np.minimum(rng.zipf(1.3, n) - 1, len(brands) - 1)
+  titles = []
+  for i in range(n):
+    head = brands[brand_of[i]] + lines[int(rng.integers(len(lines)))]
+    tail_len = max(1, int(rng.normal(title_len, 5)) - len(head))
+    titles.append(head + list(rng.integers(100, vocab, tail_len)))
+  return titles
+
+
+def bench_trie(args) -> dict:
+  titles = _synthetic_catalog(args.items, args.title_len, args.catalog_vocab)
+  t0 = time.perf_counter()
+  trie = cons.ItemTrie(titles, args.catalog_vocab)
+  build = time.perf_counter() - t0
+  constraint = cons.CatalogConstraint(trie, eos_token_id=1, num_items=args.list_items,
+                                      delimiter=(2,))
+  arrays, spec = trie.device_arrays(), constraint.spec
+  rows = args.prompts * args.samples
+  history = jnp.asarray(np.random.default_rng(1).integers(0, args.items, (rows, 20)), jnp.int32)
+  spec = cons.ConstraintSpec(spec.num_items, spec.delimiter, spec.eos_token_id, True)
+
+  @jax.jit
+  def walk(key):
+    """`steps` greedy-random steps of mask + advance, as inside the decode loop."""
+    state = cons.init_state(arrays, spec, rows, history)
+
+    def body(i, carry):
+      state, acc = carry
+      allowed = cons.allowed_tokens(arrays, spec, state)  # [N, V]
+      noise = jax.random.uniform(jax.random.fold_in(key, i), allowed.shape)
+      token = jnp.argmax(jnp.where(allowed, noise, -1.0), -1).astype(jnp.int32)
+      return cons.advance(arrays, spec, state, token), acc + allowed.sum()
+
+    return jax.lax.fori_loop(0, args.trie_steps, body, (state, jnp.zeros((), jnp.int32)))
+
+  first, warm = _timed(lambda: walk(jax.random.key(0)), 3)
+  state, _ = walk(jax.random.key(0))
+  return dict(items=args.items, vocab=args.catalog_vocab, nodes=trie.num_nodes,
+              leaves=trie.num_leaves, dense_nodes=len(trie.dense_nodes), max_degree=trie.max_degree,
+              trie_mb=trie.nbytes / 2**20, build_s=build, rows=rows,
+              mask_and_advance_ms_per_step=1e3 * min(warm) / args.trie_steps,
+              items_completed=int(np.asarray(state.count).sum()))
+
+
+def bench_beam(args, model) -> dict | None:
+  if args.skip_catalog or not OFFICE.exists():
+    return None
+  import tokenizers
+  items = json.loads(OFFICE.read_text())
+  titles = [" ".join(v["title"].split()) for v in items.values()]
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="[UNK]"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=True)
+  trainer = tokenizers.trainers.BpeTrainer(
+      vocab_size=model.cfg.vocab_size, special_tokens=["[PAD]", "[UNK]", "[EOS]", "[SEP]"],
+      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+  tok.train_from_iterator(titles, trainer)
+  eos = tok.token_to_id("[EOS]")
+  trie = cons.ItemTrie.from_titles(titles, tok, vocab_size=model.cfg.vocab_size)
+  constraint = cons.CatalogConstraint(trie, eos_token_id=eos)
+  lengths = [len(s) for s in trie.leaf_sequences]
+  max_new = min(args.beam_max_new, max(lengths) + 1)
+  ids, mask = _prompts(args.prompts, args.prompt_len, model.cfg.vocab_size, seed=1)
+  width, k = args.beam_width, args.beam_return
+  runs = {}
+  for name, c in (("constrained", constraint), ("unconstrained", None)):
+    fn = lambda c=c: beam_search(model, ids, mask, constraint=c, num_beams=width, num_return=k,
+                                 max_new_tokens=max_new, eos_token_id=eos)
+    first, warm = _timed(fn, args.repeats)
+    out = fn()
+    steps = int(out.steps)
+    runs[name] = dict(first_call_s=first, warm_s=min(warm), steps=steps,
+                      ms_per_step=1e3 * min(warm) / max(steps, 1))
+  c, u = runs["constrained"], runs["unconstrained"]
+  return dict(titles=len(titles), leaves=trie.num_leaves, trie_nodes=trie.num_nodes,
+              trie_kb=trie.nbytes / 1024, title_tokens_mean=float(np.mean(lengths)),
+              title_tokens_max=max(lengths), beams=width, top_k=k, max_new_tokens=max_new,
+              **{f"{n}_{key}": v for n, r in runs.items() for key, v in r.items()},
+              per_step_overhead=c["ms_per_step"] / u["ms_per_step"] - 1)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--prompts", type=int, default=8)
+  p.add_argument("--samples", type=int, default=8)
+  p.add_argument("--prompt-len", type=int, default=128)
+  p.add_argument("--new-tokens", type=int, default=64)
+  p.add_argument("--temperature", type=float, default=1.0)
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--hf-repeats", type=int, default=1)
+  p.add_argument("--torch-threads", type=int, default=0)
+  p.add_argument("--skip-hf", action="store_true")
+  p.add_argument("--skip-trie", action="store_true")
+  p.add_argument("--skip-catalog", action="store_true")
+  p.add_argument("--items", type=int, default=100_000)
+  p.add_argument("--title-len", type=int, default=30)
+  p.add_argument("--catalog-vocab", type=int, default=151_936)
+  p.add_argument("--list-items", type=int, default=10)
+  p.add_argument("--trie-steps", type=int, default=64)
+  p.add_argument("--beam-width", type=int, default=10)
+  p.add_argument("--beam-return", type=int, default=10)
+  p.add_argument("--beam-max-new", type=int, default=64)
+  args = p.parse_args(argv)
+
+  print(f"jax {jax.__version__} devices={jax.devices()} cpus={os.cpu_count()}", flush=True)
+  cfg = benchmark_model()
+  with tempfile.TemporaryDirectory() as tmp:
+    export_hf(Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0)), tmp)
+    model = load_hf_model(tmp)
+    results = {"sampling": bench_sampling(args, model, Path(tmp))}
+  print(json.dumps({"sampling": results["sampling"]}, indent=1), flush=True)
+  if not args.skip_trie:
+    results["synthetic_trie"] = bench_trie(args)
+    print(json.dumps({"synthetic_trie": results["synthetic_trie"]}, indent=1), flush=True)
+  beam = bench_beam(args, model)
+  if beam is not None:
+    results["beam_search"] = beam
+    print(json.dumps({"beam_search": beam}, indent=1), flush=True)
+  return results
+
+
+if __name__ == "__main__":
+  main()
