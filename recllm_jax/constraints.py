@@ -62,7 +62,7 @@ class TrieArrays:
   leaf_hi: jax.Array  # [N] int32
   terminal: jax.Array  # [N] bool, a title ends here (its leaf is leaf_lo[n])
   dense_nodes: jax.Array  # [Nd] int32 sorted ids of high-degree nodes
-  dense_bits: jax.Array  # [Nd, ceil(V/32)] uint32 bit-packed child-token masks
+  dense_bits: jax.Array  # [Nd + 1, ceil(V/32)] uint32 bit-packed child masks; last row all 0
   item_leaf: jax.Array  # [I] int32 leaf of each catalog item
   num_leaves: int = flax.struct.field(pytree_node=False)
   vocab_size: int = flax.struct.field(pytree_node=False)
@@ -153,7 +153,7 @@ class ItemTrie:
       child_tokens = self.token[self.first_child[n]:self.first_child[n + 1]].astype(np.int64)
       np.bitwise_or.at(bits[row], child_tokens // 32,
                        (np.uint32(1) << (child_tokens % 32).astype(np.uint32)))
-    self.dense_bits = bits  # [Nd, ceil(V/32)]
+    self.dense_bits = np.concatenate([bits, np.zeros((1, words), np.uint32)])  # [Nd + 1, W]
 
   @classmethod
   def from_titles(cls, titles: Sequence[str], tokenizer: Any, *, vocab_size: int | None = None,
@@ -349,27 +349,13 @@ def _end_token(spec: ConstraintSpec, count: jax.Array) -> jax.Array:
   return jnp.where(count + 1 < spec.num_items, spec.delimiter[0], spec.eos_token_id)
 
 
-def _children_mask(trie: TrieArrays, node: jax.Array) -> jax.Array:
-  """[B] nodes -> [B, V] bool mask of their child tokens."""
-  batch, vocab = node.shape[0], trie.vocab_size
-  rows = jnp.arange(batch)[:, None]
-  start, stop = trie.first_child[node], trie.first_child[node + 1]  # [B]
-  idx = start[:, None] + jnp.arange(trie.max_sparse_degree)  # [B, D]
-  kid_tok = jnp.where(idx < stop[:, None], trie.token[jnp.minimum(idx, trie.token.shape[0] - 1)],
-                      vocab)  # [B, D], vocab = dropped
-  mask = jnp.zeros((batch, vocab), bool).at[rows, kid_tok].set(True, mode="drop")  # [B, V]
-  if trie.dense_nodes.shape[0] == 0:
-    return mask
-  d = jnp.clip(jnp.searchsorted(trie.dense_nodes, node), 0, trie.dense_nodes.shape[0] - 1)
-  is_dense = trie.dense_nodes[d] == node  # [B]
-  words = trie.dense_bits[d]  # [B, W]
-  bits = (words[:, :, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1  # [B, W, 32]
-  dense = bits.reshape(batch, -1)[:, :vocab].astype(bool)  # [B, V]
-  return jnp.where(is_dense[:, None], dense, mask)
+def _exhausted_children(trie: TrieArrays, node: jax.Array,
+                        banned: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Children of `node` [B] all of whose leaves are banned.
 
-
-def _exhausted_children(trie: TrieArrays, node: jax.Array, banned: jax.Array) -> jax.Array:
-  """[B, M] tokens of children of `node` whose every leaf is banned (else V = no-op)."""
+  Returns their tokens [B, M] (one per banned leaf below the node, V where none) and their
+  number [B] (distinct children).
+  """
   node_b = node[:, None]  # [B, 1]
   own = trie.terminal[node_b].astype(jnp.int32)
   below = (banned >= trie.leaf_lo[node_b] + own) & (banned < trie.leaf_hi[node_b])  # [B, M]
@@ -377,32 +363,61 @@ def _exhausted_children(trie: TrieArrays, node: jax.Array, banned: jax.Array) ->
                           banned, trie.search_steps)  # [B, M] child holding each banned leaf
   child = jnp.clip(child, 0, trie.token.shape[0] - 1)
   lo, hi = trie.leaf_lo[child], trie.leaf_hi[child]  # [B, M]
-  exhausted = below & (_count_in_range(banned, lo, hi) == hi - lo)
-  return jnp.where(exhausted, trie.token[child], trie.vocab_size)
+  exhausted = below & (_count_in_range(banned, lo, hi) == hi - lo)  # [B, M]
+  # `banned` is sorted, so entries under one child are adjacent: count each child once.
+  first = jnp.concatenate([exhausted[:, :1], exhausted[:, 1:] & (
+      ~exhausted[:, :-1] | (child[:, 1:] != child[:, :-1]))], axis=-1)
+  return jnp.where(exhausted, trie.token[child], trie.vocab_size), first.sum(-1)
+
+
+def _unpack_bits(words: jax.Array, vocab: int) -> jax.Array:
+  """[B, W] uint32 -> [B, V] bool (bit j of word w is token 32 w + j)."""
+  bits = (words[:, :, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1  # [B, W, 32]
+  return bits.reshape(words.shape[0], -1)[:, :vocab].astype(bool)
 
 
 def allowed_tokens(trie: TrieArrays, spec: ConstraintSpec, state: ConstraintState) -> jax.Array:
-  """[B, V] bool: tokens that keep every row on a path to a new, non-banned catalog item."""
+  """[B, V] bool: tokens that keep every row on a path to a new, non-banned catalog item.
+
+  Everything is decided on per-row scalars and [B, M] / [B, D] index arrays first; the [B, V]
+  mask is then materialised once (the dense row of a high-degree node, else zeros) and edited
+  with scatters, so the per-step cost is one pass over [B, V] even for a 150k vocabulary.
+  """
   batch, vocab = state.node.shape[0], trie.vocab_size
-  rows = jnp.arange(batch)
+  rows = jnp.arange(batch)[:, None]
   node = state.node
-  mask = _children_mask(trie, node)  # [B, V]
-  mask = mask.at[rows[:, None], _exhausted_children(trie, node, state.banned)].set(
-      False, mode="drop")
-  # The current node ends a title: allow its end token unless that title is banned.
-  own_leaf = trie.leaf_lo[node]  # [B]
-  own_banned = jnp.any(state.banned == own_leaf[:, None], axis=-1)
-  end_ok = trie.terminal[node] & ~own_banned  # [B]
-  end_tok = _end_token(spec, state.count)
-  mask = mask.at[rows, end_tok].set(mask[rows, end_tok] | end_ok)
-  vocab_ids = jnp.arange(vocab)
+  start, stop = trie.first_child[node], trie.first_child[node + 1]  # [B]
+  exhausted_tok, n_exhausted = _exhausted_children(trie, node, state.banned)
+  own_banned = jnp.any(state.banned == trie.leaf_lo[node][:, None], axis=-1)  # [B]
+  end_ok = trie.terminal[node] & ~own_banned  # the current node completes a usable title
+  live = stop - start - n_exhausted + end_ok.astype(jnp.int32)  # [B] allowed tokens in a title
+
+  # Rows with exactly one legal token: inside a delimiter, finished (EOS), or (defensively) stuck.
+  in_delim = state.delim_pos >= 0
+  finished = state.count >= spec.num_items
+  forced = in_delim | finished | (live == 0)  # [B]
+  forced_tok = jnp.full_like(node, spec.eos_token_id)
   if spec.delimiter:
     delim = jnp.asarray(spec.delimiter, jnp.int32)
-    want = delim[jnp.clip(state.delim_pos, 0, len(spec.delimiter) - 1)]  # [B]
-    mask = jnp.where((state.delim_pos >= 0)[:, None], vocab_ids == want[:, None], mask)
-  # Finished rows (and, defensively, rows with nothing left) may only end.
-  stuck = (state.count >= spec.num_items) | ~jnp.any(mask, axis=-1)
-  return jnp.where(stuck[:, None], vocab_ids == spec.eos_token_id, mask)
+    want = delim[jnp.clip(state.delim_pos, 0, len(spec.delimiter) - 1)]
+    forced_tok = jnp.where(in_delim & ~finished, want, forced_tok)
+
+  n_dense = trie.dense_nodes.shape[0]
+  if n_dense:
+    d = jnp.clip(jnp.searchsorted(trie.dense_nodes, node), 0, n_dense - 1)
+    is_dense = (trie.dense_nodes[d] == node) & ~forced  # [B]
+    mask = _unpack_bits(trie.dense_bits[jnp.where(is_dense, d, n_dense)], vocab)  # [B, V]
+  else:
+    is_dense = jnp.zeros_like(forced)
+    mask = jnp.zeros((batch, vocab), bool)
+  idx = start[:, None] + jnp.arange(trie.max_sparse_degree)  # [B, D]
+  sparse = (idx < stop[:, None]) & ~(is_dense | forced)[:, None]
+  kid_tok = jnp.where(sparse, trie.token[jnp.minimum(idx, trie.token.shape[0] - 1)], vocab)
+  mask = mask.at[rows, kid_tok].set(True, mode="drop")
+  mask = mask.at[rows, jnp.where(forced[:, None], vocab, exhausted_tok)].set(False, mode="drop")
+  end_tok = jnp.where(end_ok & ~forced, _end_token(spec, state.count), vocab)  # [B]
+  mask = mask.at[rows[:, 0], end_tok].set(True, mode="drop")
+  return mask.at[rows[:, 0], jnp.where(forced, forced_tok, vocab)].set(True, mode="drop")
 
 
 def advance(trie: TrieArrays, spec: ConstraintSpec, state: ConstraintState,

@@ -27,7 +27,7 @@ from recllm_jax.models.qwen2 import KVCache, Qwen2ForCausalLM
 from recllm_jax.sharding import shard
 
 __all__ = ["GenerateOutput", "BeamSearchOutput", "generate", "beam_search", "bucket_length",
-           "compile_count", "sampling_logprobs"]
+           "compile_count", "sampling_logprobs", "sample_categorical"]
 
 _NEG_INF = -jnp.inf
 _TRACES = {"count": 0}
@@ -121,6 +121,20 @@ def sampling_logprobs(logits: jax.Array, *, temperature: float, top_k: int = 0,
     threshold = jnp.min(jnp.where(keep, ranked, jnp.inf), axis=-1, keepdims=True)  # [N, 1]
     logits = jnp.where(logits < threshold, _NEG_INF, logits)
   return jax.nn.log_softmax(logits, axis=-1)
+
+
+def sample_categorical(key: jax.Array, logp: jax.Array) -> jax.Array:
+  """One draw per row from log-probs [N, V] by inverting the CDF with a single uniform per row.
+
+  `jax.random.categorical` (Gumbel-max) needs N*V random numbers per step, which on CPU costs
+  more than the rest of the sampling; inverse-CDF needs N. Tokens with zero probability are
+  never returned (their CDF step is empty; the argmax fallback covers fp32 round-off at the top).
+  """
+  cdf = jnp.cumsum(jnp.exp(logp), axis=-1)  # [N, V]
+  u = jax.random.uniform(key, (logp.shape[0], 1), jnp.float32) * cdf[:, -1:]  # [N, 1]
+  token = jnp.minimum(jnp.sum(cdf <= u, axis=-1), logp.shape[-1] - 1).astype(jnp.int32)  # [N]
+  ok = jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0] > _NEG_INF
+  return jnp.where(ok, token, jnp.argmax(logp, axis=-1).astype(jnp.int32))
 
 
 def _left_align(input_ids: Any, attention_mask: Any, bucket: int, pad_id: int):
@@ -244,7 +258,7 @@ def _generate_jit(graphdef, state, ids, mask, rng, trie, history, *, max_new_tok
     else:
       logp = sampling_logprobs(c.logits, temperature=temperature, top_k=top_k, top_p=top_p,
                                allowed=allowed)
-      token = jax.random.categorical(jax.random.fold_in(c.rng, c.step), logp).astype(jnp.int32)
+      token = sample_categorical(jax.random.fold_in(c.rng, c.step), logp)
     token_logp = jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]  # [N]
     token = jnp.where(c.done, pad_id, token)
     token_logp = jnp.where(c.done, 0.0, token_logp)

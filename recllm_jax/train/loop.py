@@ -50,11 +50,8 @@ class Task(Protocol):
   """What a trainer provides to the loop."""
 
   name: str
-  tokenizer: Any
+  tokenizer: Any  # a `transformers` tokenizer; the model's vocabulary must cover it
   loss_fn: optim.LossFn
-
-  @property
-  def vocab_size(self) -> int: ...
 
   def train_iterator(self) -> grain.DatasetIterator: ...
 
@@ -88,20 +85,26 @@ def check_model_path(model_cfg: ml_collections.ConfigDict) -> None:
         "then pass --config.model.hf_path=/path/to/DeepSeek-R1-Distill-Qwen-1.5B")
 
 
-def model_config(model_cfg: ml_collections.ConfigDict, vocab_size: int) -> Qwen2Config:
-  """The random-init architecture: `model.preset` + overrides, vocab matched to the tokenizer."""
+def model_config(model_cfg: ml_collections.ConfigDict, vocab_size: int,
+                 **token_ids: int | None) -> Qwen2Config:
+  """The random-init architecture: `model.preset` + overrides, vocab matched to the tokenizer.
+
+  `token_ids` (bos/eos/pad_token_id) are recorded so an exported checkpoint generates and
+  stops like the tokenizer expects.
+  """
   if model_cfg.preset not in PRESETS:
     raise ValueError(f"unknown model.preset {model_cfg.preset!r}; expected 'hf' or one of "
                      f"{sorted(PRESETS)}")
   overrides = {k: model_cfg[k] for k in ARCH_OVERRIDES if model_cfg.get(k)}
   return PRESETS[model_cfg.preset](
       vocab_size=vocab_size, param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype,
-      remat=model_cfg.remat, **overrides)
+      remat=model_cfg.remat, **overrides, **token_ids)
 
 
-def build_model(model_cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, vocab_size: int,
+def build_model(model_cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, tokenizer: Any,
                 seed: int) -> Qwen2ForCausalLM:
   """Pretrained weights from `model.hf_path`, or a random init created directly sharded."""
+  vocab_size = len(tokenizer)
   if uses_pretrained(model_cfg):
     from recllm_jax.hf_io import load_hf_model
     model = load_hf_model(model_cfg.hf_path, dtype=model_cfg.param_dtype, mesh=mesh,
@@ -110,7 +113,8 @@ def build_model(model_cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, v
       raise ValueError(f"tokenizer has {vocab_size} tokens but the model only "
                        f"{model.cfg.vocab_size} embeddings")
     return model
-  cfg = model_config(model_cfg, vocab_size)
+  cfg = model_config(model_cfg, vocab_size, bos_token_id=tokenizer.bos_token_id,
+                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
   return sharding.create_sharded(lambda: Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(seed)), mesh)
 
 
@@ -173,7 +177,7 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
   peak, peak_source = metrics_lib.peak_flops_per_device(tc.peak_flops)
 
   task = make_task(config, workdir)
-  model = build_model(config.model, mesh, task.vocab_size, config.seed)
+  model = build_model(config.model, mesh, task.tokenizer, config.seed)
   model_cfg = model.cfg
   schedule = optim.make_schedule(tc.lr, tc.num_steps, tc.warmup_steps, tc.min_lr_ratio)
   optimizer = optim.make_optimizer(schedule, weight_decay=tc.weight_decay,
@@ -181,7 +185,7 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
   graphdef, state = optim.init_train_state(model, optimizer, config.seed)
   del model  # the train state owns the parameters from here on
   train_step = optim.make_train_step(graphdef, optimizer, task.loss_fn, schedule,
-                                     tc.grad_accum_steps)
+                                     tc.grad_accum_steps, optim.state_shardings(state))
   eval_step = optim.make_eval_step(graphdef, task.loss_fn)
 
   data = task.train_iterator()

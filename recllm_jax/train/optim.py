@@ -65,14 +65,48 @@ def make_optimizer(schedule: optax.Schedule, *, weight_decay: float, max_grad_no
   return optax.chain(*parts)
 
 
+def _state_shardings(abstract_state: TrainState, params: nnx.State) -> TrainState | None:
+  """Shardings for the train state: optimizer moments follow their parameter, scalars replicate.
+
+  `optimizer.init` builds moments with `zeros_like`, which XLA would otherwise leave
+  replicated: every device would hold the full Adam state, defeating FSDP. Moments are matched
+  to parameters by tree path (an optax moment's path ends with its parameter's path).
+  """
+  leaves = jax.tree.leaves(params)
+  if not leaves or not isinstance(leaves[0].sharding, jax.sharding.NamedSharding):
+    return None  # single device: nothing to lay out
+  mesh = leaves[0].sharding.mesh
+  by_path = {jax.tree_util.keystr(p): x.sharding
+             for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def sharding_for(path, leaf):
+    key = jax.tree_util.keystr(path)
+    for start in [i for i, c in enumerate(key) if c == "["]:
+      match = by_path.get(key[start:])
+      if match is not None and len(match.spec) <= leaf.ndim:
+        return match
+    return replicated
+
+  return jax.tree.map_with_path(sharding_for, abstract_state)
+
+
 def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation,
                      seed: int) -> tuple[nnx.GraphDef, TrainState]:
-  """Splits the (sharded) model; optimizer moments inherit the parameters' shardings."""
+  """Splits the (sharded) model and builds the train state with FSDP-sharded moments."""
   graphdef, params = nnx.split(model, nnx.Param)
-  state = jax.jit(lambda p: TrainState(
-      step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p),
-      rng=jax.random.key_data(jax.random.key(seed))))(params)
-  return graphdef, state
+
+  def init(p):
+    return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p),
+                      rng=jax.random.key_data(jax.random.key(seed)))
+
+  shardings = _state_shardings(jax.eval_shape(init, params), params)
+  return graphdef, jax.jit(init, out_shardings=shardings)(params)
+
+
+def state_shardings(state: TrainState) -> TrainState:
+  """The shardings of a concrete train state (to pin the step's outputs to them)."""
+  return jax.tree.map(lambda x: x.sharding, state)
 
 
 def _split_micro(batch: Mapping[str, jax.Array], n: int) -> dict[str, jax.Array]:
@@ -111,8 +145,12 @@ def _accumulated_grads(graphdef: nnx.GraphDef, loss_fn: LossFn, params: nnx.Stat
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
                     loss_fn: LossFn, schedule: optax.Schedule,
-                    grad_accum_steps: int = 1) -> StepFn:
+                    grad_accum_steps: int = 1,
+                    state_sharding: TrainState | None = None) -> StepFn:
   """`state, batch -> state, metrics`, jitted with the state donated.
+
+  `state_sharding` (from `state_shardings(initial_state)`) pins the output state to the input
+  layout, so step 2 never recompiles for a layout XLA picked in step 1.
 
   metrics: `loss` (sum/weight over the whole batch), `grad_norm` (before clipping),
   `learning_rate` (used by this update), `weight` and every aux mean.
@@ -133,7 +171,11 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
                            rng=jax.random.key_data(rng))
     return new_state, metrics
 
-  return jax.jit(step, donate_argnums=0)
+  if state_sharding is None:
+    return jax.jit(step, donate_argnums=0)
+  mesh = jax.tree.leaves(state_sharding)[0].mesh
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.jit(step, donate_argnums=0, out_shardings=(state_sharding, replicated))
 
 
 def make_eval_step(graphdef: nnx.GraphDef, loss_fn: LossFn
@@ -148,4 +190,4 @@ def make_eval_step(graphdef: nnx.GraphDef, loss_fn: LossFn
 
 
 __all__ = ["LossFn", "StepFn", "TrainState", "init_train_state", "make_eval_step",
-           "make_optimizer", "make_schedule", "make_train_step"]
+           "make_optimizer", "make_schedule", "make_train_step", "state_shardings"]

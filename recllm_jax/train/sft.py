@@ -121,10 +121,6 @@ class SftTask:
         num_buckets=config.data.num_buckets, seed=config.seed,
         prefetch_threads=config.data.prefetch_threads)
 
-  @property
-  def vocab_size(self) -> int:
-    return len(self.tokenizer)
-
   def train_iterator(self) -> grain.DatasetIterator:
     ds = pipeline.train_dataset(self.dataset.train, self._format, self.tokenizer,
                                 self.pipeline_config)

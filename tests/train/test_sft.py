@@ -89,7 +89,8 @@ def test_train_step_fits_a_batch_on_a_mesh(overrides):
   model = sharding.create_sharded(lambda: Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0)), mesh)
   schedule, opt = _optimizer(lr=3e-3)
   graphdef, state = optim.init_train_state(model, opt, seed=0)
-  step = optim.make_train_step(graphdef, opt, sft_loss_fn, schedule)
+  step = optim.make_train_step(graphdef, opt, sft_loss_fn, schedule,
+                               state_sharding=optim.state_shardings(state))
   batch = jax.device_put(_batch(), jax.sharding.NamedSharding(mesh, jax.P(("data", "fsdp"))))
   losses = []
   with jax.set_mesh(mesh):
@@ -100,7 +101,11 @@ def test_train_step_fits_a_batch_on_a_mesh(overrides):
   assert int(state.step) == 10
   # Optimizer moments keep the parameters' (FSDP) sharding.
   emb = state.params["embed_tokens"]["embedding"].value
+  adam = state.opt_state[1][0]
   assert not emb.sharding.is_fully_replicated
+  assert adam.mu["embed_tokens"]["embedding"].value.sharding == emb.sharding
+  assert adam.nu["layers"][0]["mlp"]["up_proj"]["kernel"].value.sharding == (
+      state.params["layers"][0]["mlp"]["up_proj"]["kernel"].value.sharding)
 
 
 def test_train_step_donates_state():
