@@ -124,6 +124,8 @@ def main() -> None:
     t_jax += timed(jax_run, 1)
     t_torch += timed(torch_run, 1)
   peak = metrics.measure_matmul_flops(2048, repeats=10)
+  a = torch.ones(2048, 2048)
+  torch_peak = 2 * 2048**3 / min(timed(lambda: a @ a, 10))
 
   tokens = args.batch * args.length
   flops = metrics.flops_per_token(cfg, args.length) * tokens
@@ -133,7 +135,8 @@ def main() -> None:
   print(f"model: benchmark_model() {n_params / 1e6:.1f}M params, batch {args.batch} x "
         f"{args.length}, fp32, AdamW; {flops / tokens / 1e6:.1f} MFLOPs/token")
   print(f"first-step loss: jax {loss_jax:.5f}  torch {loss_torch:.5f}")
-  print(f"measured fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
+  print(f"measured fp32 2048^2 matmul: jax {peak / 1e9:.1f} GFLOP/s (MFU denominator), "
+        f"torch {torch_peak / 1e9:.1f} GFLOP/s")
   results = {}
   for name, times in (("jax", t_jax), ("torch", t_torch)):
     t = statistics.median(times)

@@ -211,11 +211,6 @@ def _constraint_args(constraint: cons.CatalogConstraint | None, batch: int):
   return constraint.trie.device_arrays(), constraint.spec, history
 
 
-def _split(model: nnx.Module):
-  graphdef, state = nnx.split(model)
-  return graphdef, state
-
-
 # ----------------------------------------------------------------------------------------------
 # Sampling / greedy
 # ----------------------------------------------------------------------------------------------
@@ -286,8 +281,9 @@ def _generate_jit(graphdef, state, ids, mask, rng, trie, history, *, max_new_tok
                  logprobs=jnp.zeros((rows, max_new_tokens), jnp.float32), cstate=cstate, rng=rng)
   carry = jax.lax.while_loop(cond, body, carry)
   carry = select(carry)  # the last token needs no forward pass
-  is_real = jnp.cumsum(_is_eos(carry.tokens, eos_ids), axis=-1) - _is_eos(carry.tokens, eos_ids) == 0
-  lengths = jnp.sum(is_real & (jnp.arange(max_new_tokens) <= carry.step), axis=-1)
+  eos = _is_eos(carry.tokens, eos_ids)  # [N, M]
+  before_first_eos = jnp.cumsum(eos, axis=-1) - eos == 0  # EOS itself counts (pad may equal EOS)
+  lengths = jnp.sum(before_first_eos & (jnp.arange(max_new_tokens) <= carry.step), axis=-1)
   items = None if spec is None else carry.cstate.items
   return GenerateOutput(tokens=carry.tokens, lengths=lengths.astype(jnp.int32),
                         logprobs=carry.logprobs, items=items)
@@ -330,7 +326,7 @@ def generate(model: Qwen2ForCausalLM, input_ids: Any, attention_mask: Any, *,
   bucket = bucket_length(length)
   ids, mask = _left_align(input_ids, attention_mask, bucket, pad_token_id)
   trie, spec, history = _constraint_args(constraint, batch)
-  graphdef, state = _split(model)
+  graphdef, state = nnx.split(model)
   rng = jax.random.key(0) if rng is None else rng
   return _generate_jit(
       graphdef, state, jnp.asarray(ids), jnp.asarray(mask), rng, trie, history,
@@ -494,7 +490,7 @@ def beam_search(model: Qwen2ForCausalLM, input_ids: Any, attention_mask: Any, *,
   bucket = bucket_length(length)
   ids, mask = _left_align(input_ids, attention_mask, bucket, pad_token_id)
   trie, spec, history = _constraint_args(constraint, batch)
-  graphdef, state = _split(model)
+  graphdef, state = nnx.split(model)
   return _beam_jit(
       graphdef, state, jnp.asarray(ids), jnp.asarray(mask), trie, history,
       max_new_tokens=int(max_new_tokens), cache_len=bucket + int(max_new_tokens),

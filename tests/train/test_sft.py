@@ -100,19 +100,19 @@ def test_train_step_fits_a_batch_on_a_mesh(overrides):
   assert losses[-1] < losses[0] - 0.5, losses
   assert int(state.step) == 10
   # Optimizer moments keep the parameters' (FSDP) sharding.
-  emb = state.params["embed_tokens"]["embedding"].value
+  emb = state.params["embed_tokens"]["embedding"].get_value()
   adam = state.opt_state[1][0]
   assert not emb.sharding.is_fully_replicated
-  assert adam.mu["embed_tokens"]["embedding"].value.sharding == emb.sharding
-  assert adam.nu["layers"][0]["mlp"]["up_proj"]["kernel"].value.sharding == (
-      state.params["layers"][0]["mlp"]["up_proj"]["kernel"].value.sharding)
+  assert adam.mu["embed_tokens"]["embedding"].get_value().sharding == emb.sharding
+  assert adam.nu["layers"][0]["mlp"]["up_proj"]["kernel"].get_value().sharding == (
+      state.params["layers"][0]["mlp"]["up_proj"]["kernel"].get_value().sharding)
 
 
 def test_train_step_donates_state():
   schedule, opt = _optimizer()
   graphdef, state = optim.init_train_state(_model(), opt, seed=0)
   step = optim.make_train_step(graphdef, opt, sft_loss_fn, schedule)
-  old = state.params["norm"]["scale"].value
+  old = state.params["norm"]["scale"].get_value()
   step(state, _batch())
   assert old.is_deleted()
 
@@ -129,9 +129,9 @@ def test_schedule_warmup_then_cosine():
 def test_weight_decay_skips_biases_and_norms():
   params = nnx.state(_model(), nnx.Param)
   mask = optim._decay_mask(params)
-  assert mask["layers"][0]["self_attn"]["q_proj"]["kernel"].value is True
-  assert mask["layers"][0]["self_attn"]["q_proj"]["bias"].value is False
-  assert mask["norm"]["scale"].value is False
+  assert mask["layers"][0]["self_attn"]["q_proj"]["kernel"].get_value() is True
+  assert mask["layers"][0]["self_attn"]["q_proj"]["bias"].get_value() is False
+  assert mask["norm"]["scale"].get_value() is False
 
 
 def test_clipping_bounds_update():
