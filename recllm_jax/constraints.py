@@ -195,14 +195,14 @@ class ItemTrie:
   def check_end_tokens(self, end_tokens: Sequence[int]) -> None:
     """Raises if an end token also continues a title at a node where another title ends."""
     ends = np.array(sorted(set(int(t) for t in end_tokens)), np.int32)
-    for n in np.flatnonzero(self.terminal):
-      kids = self.token[self.first_child[n]:self.first_child[n + 1]]
-      clash = np.intersect1d(kids, ends)
-      if clash.size:
-        raise ValueError(
-            f"end token {int(clash[0])} continues a title after the complete title "
-            f"{list(self.leaf_sequences[self.leaf_lo[n]])}: choose a delimiter/EOS that never "
-            "occurs inside titles")
+    parent = np.repeat(np.arange(self.num_nodes), np.diff(self.first_child))  # [N - 1]
+    clash = np.flatnonzero(self.terminal[parent] & np.isin(self.token[1:], ends))
+    if clash.size:
+      n = parent[clash[0]]
+      raise ValueError(
+          f"end token {int(self.token[clash[0] + 1])} continues a title after the complete "
+          f"title {list(self.leaf_sequences[self.leaf_lo[n]])}: choose a delimiter/EOS that "
+          "never occurs inside titles")
 
   @property
   def nbytes(self) -> int:

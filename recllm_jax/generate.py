@@ -169,10 +169,15 @@ def _prefill(model: Qwen2ForCausalLM, ids: jax.Array, mask: jax.Array, cache_len
   return shard(logits, ("batch", None)), _shard_cache(cache)
 
 
+# Logical axes of `KVCache.k` / `.v` (layout [B, S, K, Dh], as written by `qwen2.Attention`).
+_CACHE_AXES = ("batch", "cache_length", "act_kv_heads", None)
+
+
 def _shard_cache(cache: KVCache) -> KVCache:
-  spec = ("batch", "cache_length", "act_kv_heads", None)
-  return KVCache(k=tuple(shard(x, spec) for x in cache.k), v=tuple(shard(x, spec) for x in cache.v),
-                 mask=shard(cache.mask, ("batch", None)), index=cache.index)
+  """Keeps the cache batch-sharded through the repeat / beam gathers / while_loop carry."""
+  kv = lambda xs: tuple(shard(x, _CACHE_AXES) for x in xs)
+  return KVCache(k=kv(cache.k), v=kv(cache.v), mask=shard(cache.mask, ("batch", None)),
+                 index=cache.index)
 
 
 def _decode_step(model: Qwen2ForCausalLM, token: jax.Array,

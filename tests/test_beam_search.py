@@ -108,3 +108,23 @@ def test_unconstrained_single_beam_is_greedy(tiny):
                      max_new_tokens=7, eos_token_id=EOS)
   scores = np.asarray(wide.scores)
   assert (scores[:, 0] >= scores[:, 1]).all() and np.isfinite(scores).all()
+
+
+def test_constrained_beam_search_under_mesh_matches_single_device(tiny, tmp_path):
+  import jax
+  from recllm_jax import sharding
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 (simulated) devices")
+  hf, model = tiny
+  hf.save_pretrained(tmp_path / "hf")
+  trie = cons.ItemTrie(_catalog(2, n=20), VOCAB)
+  constraint = cons.CatalogConstraint(trie, eos_token_id=EOS)
+  ids = np.array([[0, 11, 12, 13], [21, 22, 23, 24], [0, 0, 5, 6], [7, 8, 9, 10]])
+  mask = (ids > 0).astype(int)
+  kwargs = dict(constraint=constraint, num_beams=4, num_return=3, max_new_tokens=6)
+  ref = beam_search(model, ids, mask, **kwargs)
+  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  with jax.set_mesh(mesh):
+    out = beam_search(load_hf_model(tmp_path / "hf", mesh=mesh), ids, mask, **kwargs)
+  np.testing.assert_array_equal(sharding.host_array(out.tokens), np.asarray(ref.tokens))
+  np.testing.assert_allclose(sharding.host_array(out.scores), np.asarray(ref.scores), atol=1e-4)

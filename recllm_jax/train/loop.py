@@ -15,7 +15,6 @@ Re-running the same command resumes from the latest checkpoint in `config.workdi
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import signal
@@ -151,13 +150,14 @@ def evaluate(eval_step, params: nnx.State, batches: Iterator[pipeline.Batch],
   return total / weight if weight else None
 
 
-def _check_finite(step: int, metrics: dict[str, Any], last_saved: int | None) -> None:
+def _non_finite(step: int, metrics: dict[str, Any], last_saved: int | None) -> str | None:
+  """An error message if the loss or gradient norm is NaN/inf, else None."""
   bad = [k for k in ("loss", "grad_norm") if not math.isfinite(float(metrics[k]))]
-  if bad:
-    raise NonFiniteLossError(
-        f"step {step}: {', '.join(f'{k}={float(metrics[k])}' for k in bad)}; stopping without "
-        f"saving. Last good checkpoint: step {last_saved} (resume from it with a lower "
-        "train.lr or a smaller train.max_grad_norm).")
+  if not bad:
+    return None
+  return (f"step {step}: {', '.join(f'{k}={float(metrics[k])}' for k in bad)}; stopping "
+          f"without saving. Last good checkpoint: step {last_saved} (resume from it with a "
+          "lower train.lr or a smaller train.max_grad_norm).")
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
@@ -214,11 +214,10 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
         consistent = True
         throughput.add(pipeline.num_tokens(batch) * jax.process_count(),
                        batch["input_ids"].shape[1])
-        try:
-          _check_finite(step, m, last_saved)
-        except NonFiniteLossError:
-          healthy = False
-          raise
+        error = _non_finite(step, m, last_saved)
+        if error:
+          healthy = False  # the state is poisoned: keep the last checkpoint instead
+          raise NonFiniteLossError(error)
         if step % tc.log_every == 0 or step == tc.num_steps:
           row = writer.write(step, {**m, **throughput.update()})
           bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_sec']:.0f}")
