@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from recllm_jax import constraints as cons  # noqa: E402
-from recllm_jax.generate import beam_search, generate  # noqa: E402
+from recllm_jax.decoding import beam_search, generate  # noqa: E402
 from recllm_jax.hf_io import export_hf, load_hf_model  # noqa: E402
 from recllm_jax.models.config import benchmark_model  # noqa: E402
 from recllm_jax.models.qwen2 import Qwen2ForCausalLM  # noqa: E402

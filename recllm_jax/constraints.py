@@ -3,7 +3,7 @@
 An LLM recommender names items by title, so an unconstrained decoder can invent titles that are
 not in the catalog. `CatalogConstraint` restricts decoding to token sequences of catalog items:
 at every step it produces an allowed-token mask `[B, V]` inside `jit`, from a small per-row
-`ConstraintState` carried through the decode loop (see `recllm_jax.generate`).
+`ConstraintState` carried through the decode loop (see `recllm_jax.decoding`).
 
 Trie layout (built once on the host, `ItemTrie`):
 

@@ -179,7 +179,7 @@ def load_hf_model(path: str | os.PathLike, *, dtype: Any = jnp.float32, mesh: Me
   path = Path(path)
   cfg = Qwen2Config.from_pretrained(path, param_dtype=dtype_name(dtype),
                                     dtype=dtype_name(compute_dtype or dtype), remat=remat)
-  abstract = nnx.eval_shape(lambda: Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0)))
+  abstract = sharding.abstract_module(lambda: Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   targets = {".".join(map(str, k)): v for k, v in nnx.to_flat_state(state)}
   if mesh is not None:

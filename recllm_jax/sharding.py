@@ -133,13 +133,23 @@ def state_shardings(state: Any, mesh: Mesh) -> Any:
   return jax.tree.map(to_sharding, state, is_leaf=_is_variable)
 
 
+def abstract_module(constructor: Callable[[], nnx.Module]) -> nnx.Module:
+  """`nnx.eval_shape(constructor)`, also inside a `jax.set_mesh` context.
+
+  Under a mesh, flax would turn each variable's logical names straight into mesh axes; ours are
+  resolved by `LOGICAL_RULES` instead, so the shapes are evaluated with no mesh in scope.
+  """
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+    return nnx.eval_shape(constructor)
+
+
 def create_sharded(constructor: Callable[[], nnx.Module], mesh: Mesh | None = None) -> nnx.Module:
   """Builds a module with every variable created directly in its sharded layout.
 
   The constructor is traced abstractly first (`nnx.eval_shape`), then run under `jit` with
   `out_shardings`, so no device ever holds an unsharded copy of the weights.
   """
-  abstract = nnx.eval_shape(constructor)
+  abstract = abstract_module(constructor)
   graphdef, abstract_state = nnx.split(abstract)
   out_shardings = None if mesh is None else state_shardings(abstract_state, mesh)
 

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
+
+# Config files may share pieces (`from configs.sft import base_config`), wherever we run from.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from absl import app, flags
 from ml_collections import config_flags

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from recllm_jax import constraints as cons
-from recllm_jax.generate import beam_search, generate
+from recllm_jax.decoding import beam_search, generate
 from recllm_jax.hf_io import load_hf_model
 
 EOS, VOCAB = 2, 32
@@ -124,7 +124,8 @@ def test_constrained_beam_search_under_mesh_matches_single_device(tiny, tmp_path
   kwargs = dict(constraint=constraint, num_beams=4, num_return=3, max_new_tokens=6)
   ref = beam_search(model, ids, mask, **kwargs)
   mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  sharded = load_hf_model(tmp_path / "hf", mesh=mesh)
   with jax.set_mesh(mesh):
-    out = beam_search(load_hf_model(tmp_path / "hf", mesh=mesh), ids, mask, **kwargs)
+    out = beam_search(sharded, ids, mask, **kwargs)
   np.testing.assert_array_equal(sharding.host_array(out.tokens), np.asarray(ref.tokens))
   np.testing.assert_allclose(sharding.host_array(out.scores), np.asarray(ref.scores), atol=1e-4)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from recllm_jax import constraints as cons
-from recllm_jax.generate import generate
+from recllm_jax.decoding import generate
 from recllm_jax.hf_io import load_hf_model
 
 EOS, DELIM, VOCAB = 2, 3, 16

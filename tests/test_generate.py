@@ -1,16 +1,15 @@
-"""`recllm_jax.generate.generate`: parity with transformers, sampling statistics, bucketing, mesh."""
+"""`recllm_jax.decoding.generate`: parity with transformers, sampling statistics, bucketing, mesh."""
 
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
 import torch
 
 from recllm_jax import sharding
-from recllm_jax.generate import bucket_length, compile_count, generate
+from recllm_jax.decoding import bucket_length, compile_count, generate
 from recllm_jax.hf_io import load_hf_model
 
 

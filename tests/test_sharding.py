@@ -79,3 +79,13 @@ def test_create_sharded_never_builds_an_unsharded_copy():
   # Same values as an unsharded (jitted) init with the same seed.
   ref = sharding.create_sharded(lambda: Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0)), mesh=None)
   np.testing.assert_array_equal(np.asarray(up), np.asarray(ref.layers[0].mlp.up_proj.kernel[...]))
+
+
+def test_load_and_create_inside_a_mesh_context(hf_checkpoint):
+  path, _ = hf_checkpoint()
+  mesh = sharding.make_mesh(fsdp=2, tensor=4)
+  with jax.set_mesh(mesh):
+    loaded = recllm_jax.load_hf_model(path, mesh=mesh)
+    created = sharding.create_sharded(lambda: Qwen2ForCausalLM(tiny(), rngs=nnx.Rngs(0)), mesh)
+  assert loaded.lm_head.kernel.get_value().sharding.spec == P("fsdp", "tensor")
+  assert created.layers[0].mlp.up_proj.kernel.get_value().sharding.spec == P("fsdp", "tensor")

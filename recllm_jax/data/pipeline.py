@@ -23,7 +23,6 @@ Batch layout (all `[B, T]`, T a bucket length):
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -192,9 +191,14 @@ def eval_dataset(examples: Sequence[Any], format_fn: FormatFn, tokenizer: Tokeni
 
 
 def make_iterator(ds: grain.MapDataset, prefetch_threads: int = 0) -> grain.DatasetIterator:
-  """A checkpointable iterator (`get_state`/`set_state`); threads prefetch in the background."""
-  options = grain.ReadOptions(num_threads=prefetch_threads, prefetch_buffer_size=
-                              max(2 * prefetch_threads, 1)) if prefetch_threads else None
+  """A checkpointable iterator (`get_state`/`set_state`).
+
+  With `prefetch_threads` > 0, Grain tokenizes and collates that many elements ahead in
+  background threads; 0 reads synchronously (deterministic timing, for tests and debugging).
+  The iterator state counts consumed batches either way, so resuming is unaffected.
+  """
+  options = grain.ReadOptions(num_threads=prefetch_threads,
+                              prefetch_buffer_size=2 * prefetch_threads)
   return iter(ds.to_iter_dataset(options))
 
 
@@ -222,13 +226,8 @@ def num_tokens(batch: Batch) -> int:
   return int(np.asarray(batch["attention_mask"]).sum())
 
 
-def epoch_steps(num_examples: int, batch_size: int) -> float:
-  """Optimizer steps per pass over `num_examples`."""
-  return num_examples / batch_size if batch_size else math.inf
-
-
 __all__ = [
     "BATCH_KEYS", "Batch", "FormatFn", "PipelineConfig", "TokenizedExample", "batch_sharding",
-    "bucket_lengths", "collate", "epoch_steps", "eval_dataset", "make_iterator", "num_tokens",
+    "bucket_lengths", "collate", "eval_dataset", "make_iterator", "num_tokens",
     "to_global", "tokenize_example", "train_dataset",
 ]

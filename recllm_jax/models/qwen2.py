@@ -29,6 +29,11 @@ def _param(rngs: nnx.Rngs | None, init, shape: Sequence[int], dtype, names: Sequ
                    eager_sharding=False)
 
 
+# Logical axes of the cached keys/values. Heads lead the slots so that one decode step reads
+# each head's cache contiguously (no per-step transpose of the whole cache).
+CACHE_AXES = ("batch", "act_kv_heads", "cache_length", None)
+
+
 @flax.struct.dataclass
 class KVCache:
   """Fixed-size key/value cache, a plain pytree so it can ride through `lax.while_loop`.
@@ -38,18 +43,18 @@ class KVCache:
   `mask.sum(-1)`.
   """
 
-  k: tuple[jax.Array, ...]  # L x [B, S, K, Dh]
-  v: tuple[jax.Array, ...]  # L x [B, S, K, Dh]
+  k: tuple[jax.Array, ...]  # L x [B, K, S, Dh]
+  v: tuple[jax.Array, ...]  # L x [B, K, S, Dh]
   mask: jax.Array  # [B, S] bool
   index: jax.Array  # [] int32, next slot to write
 
   @classmethod
   def init(cls, cfg: Qwen2Config, batch_size: int, max_length: int, dtype: Any = None) -> "KVCache":
     dtype = cfg.jnp_dtype if dtype is None else dtype
-    shape = (batch_size, max_length, cfg.num_key_value_heads, cfg.head_dim)
+    shape = (batch_size, cfg.num_key_value_heads, max_length, cfg.head_dim)
     zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers))
     return cls(k=zeros, v=zeros, mask=jnp.zeros((batch_size, max_length), bool),
-               index=jnp.zeros((), jnp.int32))
+               index=jnp.zeros((), jnp.int32)).constrain()
 
   @property
   def max_length(self) -> int:
@@ -58,6 +63,37 @@ class KVCache:
   def next_positions(self) -> jax.Array:
     """[B] RoPE position of each row's next token."""
     return self.mask.sum(-1).astype(jnp.int32)
+
+  def repeat(self, n: int) -> "KVCache":
+    """B rows -> B*n rows (row b*n + i is a copy of row b): one prefill serves n samples."""
+    rep = lambda x: jnp.repeat(x, n, axis=0)
+    return KVCache(k=tuple(map(rep, self.k)), v=tuple(map(rep, self.v)), mask=rep(self.mask),
+                   index=self.index).constrain()
+
+  def constrain(self) -> "KVCache":
+    """Keeps the cache batch- (and head-) sharded under a mesh; a no-op without one."""
+    kv = lambda xs: tuple(shard(x, CACHE_AXES) for x in xs)
+    return KVCache(k=kv(self.k), v=kv(self.v), mask=shard(self.mask, ("batch", None)),
+                   index=self.index)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
+  """Grouped-query attention. q: [B, T, H, Dh]; k, v: [B, K, S, Dh]; allowed: [B, T, S].
+
+  The H query heads are grouped G = H // K per key/value head, so K/V are never repeated.
+  Logits and softmax are fp32 with a finite mask value: fully padded query rows stay finite.
+  Training, scoring and decoding all use this one function, so a sampler's log-probs and a
+  trainer's recomputed ones come from identical arithmetic.
+  """
+  b, t, h, dh = q.shape
+  kv_heads = k.shape[1]
+  q = q.reshape(b, t, kv_heads, h // kv_heads, dh)  # [B, T, K, G, Dh]
+  logits = jnp.einsum("btkgd,bksd->bkgts", q, k,
+                      preferred_element_type=jnp.float32) * (dh ** -0.5)  # [B, K, G, T, S]
+  logits = jnp.where(allowed[:, None, None], logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bksd->btkgd", probs, v)  # [B, T, K, G, Dh]
+  return out.reshape(b, t, h, dh)
 
 
 class RMSNorm(nnx.Module):
@@ -111,20 +147,17 @@ class Attention(nnx.Module):
     k = self.k_proj(x, "btd,dgk->btgk")  # [B, T, K, Dh]
     v = self.v_proj(x, "btd,dgk->btgk")  # [B, T, K, Dh]
     q = shard(apply_rope(q, cos, sin), ("batch", "length", "act_heads", None))
-    k = shard(apply_rope(k, cos, sin), ("batch", "length", "act_kv_heads", None))
-    v = shard(v, ("batch", "length", "act_kv_heads", None))
+    k = shard(apply_rope(k, cos, sin).transpose(0, 2, 1, 3), CACHE_AXES)  # [B, K, T, Dh]
+    v = shard(v.transpose(0, 2, 1, 3), CACHE_AXES)  # [B, K, T, Dh]
     new_kv = None
     if kv is not None:
       cache_k, cache_v = kv
-      k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
-      v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
-      k = shard(k, ("batch", "cache_length", "act_kv_heads", None))  # [B, S, K, Dh]
-      v = shard(v, ("batch", "cache_length", "act_kv_heads", None))
+      k = shard(jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, 0, index, 0)),
+                CACHE_AXES)  # [B, K, S, Dh]
+      v = shard(jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, 0, index, 0)),
+                CACHE_AXES)
       new_kv = (k, v)
-    # GQA without repeating K/V: jax.nn.dot_product_attention groups the H query heads over
-    # the K key/value heads, computes logits in fp32 and picks cuDNN flash attention on GPU.
-    out = jax.nn.dot_product_attention(
-        q.astype(dt), k.astype(dt), v.astype(dt), mask=allowed[:, None, :, :])  # [B, T, H, Dh]
+    out = attention(q, k.astype(dt), v.astype(dt), allowed)  # [B, T, H, Dh]
     out = self.o_proj(out, "bthk,hkd->btd")  # [B, T, D]
     return out, new_kv
 
@@ -214,7 +247,13 @@ class Qwen2ForCausalLM(nnx.Module):
     return KVCache.init(self.cfg, batch_size, max_length, dtype)
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
-               positions: jax.Array | None = None, cache: KVCache | None = None):
+               positions: jax.Array | None = None, cache: KVCache | None = None,
+               return_hidden: bool = False):
+    """input_ids, attention_mask: [B, T]. Returns fp32 logits [B, T, V], or with
+    `return_hidden=True` the final-norm hidden states [B, T, D] (project a subset with
+    `project_logits`, e.g. only the last prompt position, or vocab chunks for log-probs).
+    With `cache=`, returns `(output, new_cache)`.
+    """
     cfg = self.cfg
     batch, length = input_ids.shape
     mask = (jnp.ones((batch, length), bool) if attention_mask is None
@@ -245,11 +284,10 @@ class Qwen2ForCausalLM(nnx.Module):
         new_k.append(layer_kv[0])
         new_v.append(layer_kv[1])
     x = self.norm(x)
-    logits = self.project_logits(x)
+    out = x if return_hidden else self.project_logits(x)
     if cache is None:
-      return logits
-    new_cache = KVCache(k=tuple(new_k), v=tuple(new_v), mask=kv_mask, index=index + length)
-    return logits, new_cache
+      return out
+    return out, KVCache(k=tuple(new_k), v=tuple(new_v), mask=kv_mask, index=index + length)
 
   def project_logits(self, x: jax.Array) -> jax.Array:
     """[B, T, D] final hidden states -> fp32 logits [B, T, V]."""

@@ -162,3 +162,33 @@ def test_configs_are_locked():
   with pytest.raises(ValueError, match="unknown preset"):
     sft_configs.get_config("tinyy")
   assert sft_configs.get_config().model.preset == "hf"
+
+
+def test_sigterm_stops_at_a_step_boundary_and_saves(tmp_path, data_dir):
+  run = {"train.num_steps": 100000, "train.checkpoint_every": 100000}
+  proc = subprocess.Popen(_cli(tmp_path, data_dir, **run), env=_env(),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  metrics = tmp_path / "metrics.jsonl"
+  deadline = time.time() + 120
+  while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+    assert proc.poll() is None and time.time() < deadline
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=60) == 0
+  last = read_metrics(tmp_path)[-1]["step"]
+  assert os.listdir(tmp_path / "checkpoints") == [str(last)]
+
+
+def test_trains_from_an_hf_checkpoint(tmp_path, data_dir, hf_checkpoint):
+  from recllm_jax.data.tokenizer import train_bpe_tokenizer
+  from recllm_jax.train.loop import train
+
+  hf_dir, _ = hf_checkpoint(vocab_size=320)
+  texts = [line for line in (data_dir / "catalog.jsonl").read_text().splitlines()]
+  train_bpe_tokenizer(texts, tmp_path / "tok", vocab_size=320)
+  config = make_config(tmp_path / "w", data_dir, **{
+      "model.preset": "hf", "model.hf_path": str(hf_dir), "model.tokenizer_path":
+      str(tmp_path / "tok"), "model.dtype": "bfloat16", "model.remat": True,
+      "train.num_steps": 3})
+  row = train(config)
+  assert row["step"] == 3 and row["loss"] > 0

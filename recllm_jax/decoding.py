@@ -159,25 +159,13 @@ def _prefill(model: Qwen2ForCausalLM, ids: jax.Array, mask: jax.Array, cache_len
   ids = shard(ids, ("batch", None))
   mask = shard(mask, ("batch", None))
   cache = model.init_cache(batch, cache_len)
-  logits, cache = model(ids, mask, cache=cache)
-  logits = logits[:, -1]  # [B, V]; prompts are left-aligned so the last slot is real
+  hidden, cache = model(ids, mask, cache=cache, return_hidden=True)
+  # Prompts are left-padded so the last slot is real; only it needs the LM head.
+  logits = model.project_logits(hidden[:, -1:])[:, 0]  # [B, V]
   if repeats > 1:
-    rep = lambda x: jnp.repeat(x, repeats, axis=0)
-    cache = KVCache(k=tuple(map(rep, cache.k)), v=tuple(map(rep, cache.v)), mask=rep(cache.mask),
-                    index=cache.index)
-    logits = rep(logits)
-  return shard(logits, ("batch", None)), _shard_cache(cache)
-
-
-# Logical axes of `KVCache.k` / `.v` (layout [B, S, K, Dh], as written by `qwen2.Attention`).
-_CACHE_AXES = ("batch", "cache_length", "act_kv_heads", None)
-
-
-def _shard_cache(cache: KVCache) -> KVCache:
-  """Keeps the cache batch-sharded through the repeat / beam gathers / while_loop carry."""
-  kv = lambda xs: tuple(shard(x, _CACHE_AXES) for x in xs)
-  return KVCache(k=kv(cache.k), v=kv(cache.v), mask=shard(cache.mask, ("batch", None)),
-                 index=cache.index)
+    cache = cache.repeat(repeats)
+    logits = jnp.repeat(logits, repeats, axis=0)
+  return shard(logits, ("batch", None)), cache.constrain()
 
 
 def _decode_step(model: Qwen2ForCausalLM, token: jax.Array,
@@ -275,7 +263,7 @@ def _generate_jit(graphdef, state, ids, mask, rng, trie, history, *, max_new_tok
     c = select(c)
     token = c.tokens[:, c.step]
     logits, cache = _decode_step(model, token, c.cache)
-    return c.replace(step=c.step + 1, logits=logits, cache=_shard_cache(cache))
+    return c.replace(step=c.step + 1, logits=logits, cache=cache.constrain())
 
   def cond(c: _Carry) -> jax.Array:
     return (c.step < max_new_tokens - 1) & ~jnp.all(c.done)
@@ -445,7 +433,7 @@ def _beam_jit(graphdef, state, ids, mask, trie, history, *, max_new_tokens, cach
   def body(c: _BeamCarry) -> _BeamCarry:
     c, token = expand(c)
     logits, cache = _decode_step(model, token, c.cache)
-    return c.replace(step=c.step + 1, logits=logits, cache=_shard_cache(cache))
+    return c.replace(step=c.step + 1, logits=logits, cache=cache.constrain())
 
   def cond(c: _BeamCarry) -> jax.Array:
     # Log-probs only decrease, so once no live beam can beat the R-th finished one, stop.
