@@ -34,6 +34,12 @@ def build_hf_model(seed: int = 0, **overrides: Any):
   return model
 
 
+@pytest.fixture(scope="session", name="build_hf_model")
+def build_hf_model_fixture() -> Callable[..., Any]:
+  """`build_hf_model` as a fixture, for module-scoped fixtures (conftest is not importable)."""
+  return build_hf_model
+
+
 @pytest.fixture
 def hf_checkpoint(tmp_path: Path) -> Callable[..., tuple[Path, Any]]:
   """Factory: `path, torch_model = hf_checkpoint(max_shard_size=None, **config_overrides)`."""

@@ -32,8 +32,7 @@ def _brute_force(hf, prompt: np.ndarray, seqs) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-  from conftest import build_hf_model
+def tiny(tmp_path_factory, build_hf_model):
   hf = build_hf_model(3, vocab_size=VOCAB)
   path = tmp_path_factory.mktemp("beam") / "hf"
   hf.save_pretrained(path)

@@ -34,8 +34,7 @@ def _hf_greedy(model, ids, mask, max_new_tokens, eos):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-  from conftest import build_hf_model
+def tiny(tmp_path_factory, build_hf_model):
   hf = build_hf_model(0)
   path = tmp_path_factory.mktemp("gen") / "hf"
   hf.save_pretrained(path)
