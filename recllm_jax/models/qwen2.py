@@ -52,8 +52,9 @@ class KVCache:
   def init(cls, cfg: Qwen2Config, batch_size: int, max_length: int, dtype: Any = None) -> "KVCache":
     dtype = cfg.jnp_dtype if dtype is None else dtype
     shape = (batch_size, cfg.num_key_value_heads, max_length, cfg.head_dim)
-    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers))
-    return cls(k=zeros, v=zeros, mask=jnp.zeros((batch_size, max_length), bool),
+    # Distinct buffers for every layer's k and v, so the whole cache can be donated.
+    zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers))
+    return cls(k=zeros(), v=zeros(), mask=jnp.zeros((batch_size, max_length), bool),
                index=jnp.zeros((), jnp.int32)).constrain()
 
   @property
