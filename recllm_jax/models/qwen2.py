@@ -177,8 +177,19 @@ class _Proj(nnx.Module):
       self.bias = _param(rngs, nnx.initializers.zeros, shape[1:], param_dtype, names[1:])
 
   def __call__(self, x: jax.Array, spec: str) -> jax.Array:
+    """`spec` is an einsum whose input and output both start with the batch dims `bt`.
+
+    Those two dims are flattened into one row dim before the matmul: XLA then sees a plain
+    [rows, in] x [in, out] product, whose backward runs ~25% faster on CPU than with two batch
+    dims in the contraction. The flatten keeps B major, so batch sharding is unaffected.
+    """
+    if not spec.startswith("bt") or "->bt" not in spec:
+      raise ValueError(f"projection spec {spec!r} must map 'bt...' to 'bt...'")
     dt = x.dtype
-    y = jnp.einsum(spec, x, self.kernel[...].astype(dt))
+    lead = x.shape[:2]
+    y = jnp.einsum(spec.replace("bt", "n"), x.reshape(-1, *x.shape[2:]),
+                   self.kernel[...].astype(dt))
+    y = y.reshape(*lead, *y.shape[1:])
     if hasattr(self, "bias"):
       y = y + self.bias[...].astype(dt)
     return y
@@ -297,13 +308,14 @@ class Qwen2ForCausalLM(nnx.Module):
 
   def project_logits(self, x: jax.Array) -> jax.Array:
     """[B, T, D] final hidden states -> fp32 logits [B, T, V]."""
+    rows = x.reshape(-1, x.shape[-1])  # [B*T, D]: a plain matmul, as in `_Proj`
     if self.cfg.tie_word_embeddings:
       w = self.embed_tokens.embedding[...].astype(x.dtype)
-      logits = jnp.einsum("btd,vd->btv", x, w, preferred_element_type=jnp.float32)
+      logits = jnp.einsum("nd,vd->nv", rows, w, preferred_element_type=jnp.float32)
     else:
       w = self.lm_head.kernel[...].astype(x.dtype)
-      logits = jnp.einsum("btd,dv->btv", x, w, preferred_element_type=jnp.float32)
-    return shard(logits, ("batch", "length", "act_vocab"))
+      logits = jnp.einsum("nd,dv->nv", rows, w, preferred_element_type=jnp.float32)
+    return shard(logits.reshape(*x.shape[:-1], -1), ("batch", "length", "act_vocab"))
 
 
 def count_params(model: nnx.Module) -> int:
