@@ -41,6 +41,7 @@ from recllm_jax.decoding import beam_search, generate  # noqa: E402
 from recllm_jax.hf_io import export_hf, load_hf_model  # noqa: E402
 from recllm_jax.models.config import benchmark_model  # noqa: E402
 from recllm_jax.models.qwen2 import Qwen2ForCausalLM  # noqa: E402
+from recllm_jax.train import metrics  # noqa: E402
 
 OFFICE = REPO.parent / "shared" / "data" / "amazon18" / "Office_Products" / "items.json"
 
@@ -56,15 +57,6 @@ def _timed(fn, repeats: int) -> tuple[float, list[float]]:
     jax.block_until_ready(fn())
     warm.append(time.perf_counter() - t0)
   return first, warm
-
-
-def matmul_flops_per_s(n: int = 2048, repeats: int = 5) -> float:
-  """Measured fp32 matmul throughput of this machine (jitted n x n x n jnp.dot)."""
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-  dot = jax.jit(jnp.dot)
-  _, warm = _timed(lambda: dot(a, b), repeats)
-  return 2 * n ** 3 / min(warm)
 
 
 def _prompts(batch: int, length: int, vocab: int, seed: int = 0):
@@ -85,7 +77,7 @@ def bench_sampling(args, model, ckpt: Path) -> dict:
   key = jax.random.key(0)
   run = lambda: generate(model, ids, mask, max_new_tokens=args.new_tokens, rng=key,
                          temperature=args.temperature, num_samples=args.samples)
-  peak_before = matmul_flops_per_s()
+  peak_before = metrics.measure_matmul_flops()
   first, warm = _timed(run, args.repeats)
   out = run()
   new_tokens = int(np.asarray(out.lengths).sum())
@@ -94,12 +86,10 @@ def bench_sampling(args, model, ckpt: Path) -> dict:
              jax_first_call_s=first, jax_compile_s=first - jax_s, jax_warm_s=jax_s,
              jax_tok_per_s=new_tokens / jax_s)
 
-  embed = cfg.vocab_size * cfg.hidden_size
-  params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-  matmul_params = params - embed + (embed if cfg.tie_word_embeddings else 0)  # + LM head
+  matmul_params = metrics.matmul_params(cfg)  # non-embedding matmul weights + LM head
   # The machine is shared: take the best of two peak measurements around the timed runs, so the
   # reported fraction is conservative.
-  peak = max(peak_before, matmul_flops_per_s())
+  peak = max(peak_before, metrics.measure_matmul_flops())
   prompt_tokens = int(mask.sum())
   res.update(matmul_params=matmul_params, peak_matmul_gflops=peak / 1e9,
              achieved_gflops_decode=2 * matmul_params * new_tokens / jax_s / 1e9,

@@ -163,16 +163,6 @@ def create_sharded(constructor: Callable[[], nnx.Module], mesh: Mesh | None = No
   return nnx.merge(graphdef, init())
 
 
-def describe(module: nnx.Module) -> dict[str, str]:
-  """`{'path': 'shape dtype sharding'}` for every parameter; handy in logs and tests."""
-  out = {}
-  for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param)):
-    value = var.get_value()
-    out["/".join(map(str, path))] = (
-        f"{tuple(value.shape)} {value.dtype} {getattr(value, 'sharding', None)}")
-  return out
-
-
 def host_array(x: jax.Array) -> np.ndarray:
   """Gathers a (possibly sharded) array to host memory as numpy."""
   if getattr(x, "is_fully_addressable", True):

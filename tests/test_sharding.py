@@ -40,6 +40,17 @@ def test_logical_rules_replicate_non_divisible_dims():
     sharding.logical_to_spec(("nonsense",), (4,), mesh)
 
 
+def test_logical_rules_context_swaps_the_rule_set():
+  mesh = sharding.make_mesh(data=8, fsdp=1)
+  data_parallel = (("batch", ("data", "fsdp")), ("embed", None), ("mlp", None))
+  with sharding.logical_rules(data_parallel):
+    assert sharding.logical_to_spec(("embed", "mlp"), (64, 96), mesh) == P(None, None)
+    assert sharding.logical_to_spec(("batch", "embed"), (8, 64), mesh) == P("data", None)
+  assert sharding.logical_to_spec(("batch",), (8,), mesh) == P("data")
+  mesh = sharding.make_mesh(fsdp=2, tensor=4)
+  assert sharding.logical_to_spec(("embed", "mlp"), (64, 96), mesh) == P("fsdp", "tensor")
+
+
 def test_eight_device_mesh_matches_single_device(hf_checkpoint):
   path, _ = hf_checkpoint(num_attention_heads=8, num_key_value_heads=4)
   ids = np.random.RandomState(0).randint(3, 128, (4, 10))
