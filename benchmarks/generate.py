@@ -3,14 +3,22 @@
 Run from the repo root:
 
   .venv/bin/python benchmarks/generate.py            # everything
-  .venv/bin/python benchmarks/generate.py --skip-hf --skip-catalog   # JAX sampling only
+  .venv/bin/python benchmarks/generate.py --skip-hf --skip-trie --skip-catalog  # JAX sampling
+  # smoke run, about a minute:
+  .venv/bin/python benchmarks/generate.py --prompts 2 --samples 2 --prompt-len 16
+      --new-tokens 8 --repeats 1 --skip-trie --skip-catalog
 
 Sections:
-1. Sampling: random `benchmark_model()` Qwen2, P prompts x G samples, ~L-token prompts, N new
-   tokens at temperature 1. Times `recllm_jax.generate` (compile reported separately, then the
-   median of warm runs) and `transformers.generate(do_sample=True, num_return_sequences=G)` on the
-   same weights (exported with `hf_io.export_hf`, loaded by both), and the fraction of the fp32
-   matmul roofline measured in the same process.
+1. Sampling: random `benchmark_model()` Qwen2, ~L-token prompts, N new tokens at temperature 1,
+   in two shapes (`--shape`, both by default):
+   - "rollout shape (P prompts x G samples)": what GRPO does. `recllm_jax.generate` prefills the
+     P prompts once; `transformers` (`num_return_sequences=G`) prefills all P x G rows, so this
+     shape includes our prefill sharing.
+   - "equal work (P x G distinct prompts)": one sample per prompt, the same work for both.
+   Times `recllm_jax.generate` (compile reported separately, then the median of warm runs) and
+   `transformers.generate(do_sample=True)` on the same weights (exported with
+   `models.qwen2_hf.export_hf`, loaded by both), and for each the fraction of the fp32 matmul
+   roofline measured in the same process. A summary line per shape is printed last.
 2. Synthetic catalog: trie memory, build time and per-step mask + advance cost for I items of
    ~30 tokens over a Qwen-sized vocabulary.
 3. Beam search on the real Office_Products titles (if present): constrained (K=10) vs
@@ -38,7 +46,7 @@ sys.path.insert(0, str(REPO))
 
 from recllm_jax import constraints as cons  # noqa: E402
 from recllm_jax.decoding import beam_search, generate  # noqa: E402
-from recllm_jax.hf_io import export_hf, load_hf_model  # noqa: E402
+from recllm_jax.models.qwen2_hf import export_hf, load_hf_model  # noqa: E402
 from recllm_jax.models.config import benchmark_model  # noqa: E402
 from recllm_jax.models.qwen2 import Qwen2ForCausalLM  # noqa: E402
 from recllm_jax.train import metrics  # noqa: E402
@@ -71,52 +79,99 @@ def _prompts(batch: int, length: int, vocab: int, seed: int = 0):
   return ids, mask
 
 
-def bench_sampling(args, model, ckpt: Path) -> dict:
-  cfg = model.cfg
-  ids, mask = _prompts(args.prompts, args.prompt_len, cfg.vocab_size)
+# The two sampling shapes: (label, distinct prompts, samples per prompt) as functions of P, G.
+SHAPES = {
+    "rollout": lambda p, g: (f"rollout shape ({p} prompts x {g} samples)", p, g),
+    "equal_work": lambda p, g: (f"equal work ({p * g} distinct prompts)", p * g, 1),
+}
+
+
+def _roofline(matmul_params: int, tokens: int, seconds: float, peak: float) -> float:
+  """Fraction of the matmul peak: a forward pass costs 2 FLOPs per matmul weight and token."""
+  return 2 * matmul_params * tokens / seconds / peak
+
+
+def _load_hf(args, ckpt: Path):
+  import torch
+  import transformers
+  torch.set_num_threads(args.torch_threads or os.cpu_count())
+  return transformers.Qwen2ForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+
+
+def bench_shape(args, model, hf, prompts: int, samples: int) -> dict:
+  """Times both decoders on `prompts` distinct prompts x `samples` samples each.
+
+  `recllm_jax.generate` prefills each prompt once and shares its cache across the samples;
+  `transformers` (`num_return_sequences`) repeats the prompt and prefills every row. Roofline
+  fractions count the same useful work for both: generated tokens ("decode"), plus each distinct
+  prompt's tokens once ("incl. prompt"). Peaks are filled in by `bench_sampling`.
+  """
+  ids, mask = _prompts(prompts, args.prompt_len, model.cfg.vocab_size)  # [P, L]
   key = jax.random.key(0)
   run = lambda: generate(model, ids, mask, max_new_tokens=args.new_tokens, rng=key,
-                         temperature=args.temperature, num_samples=args.samples)
-  peak_before = metrics.measure_matmul_flops()
+                         temperature=args.temperature, num_samples=samples)
   first, warm = _timed(run, args.repeats)
-  out = run()
-  new_tokens = int(np.asarray(out.lengths).sum())
+  new_tokens = int(np.asarray(run().lengths).sum())
   jax_s = statistics.median(warm)
-  res = dict(rows=args.prompts * args.samples, new_tokens=new_tokens,
-             jax_first_call_s=first, jax_compile_s=first - jax_s, jax_warm_s=jax_s,
-             jax_tok_per_s=new_tokens / jax_s)
-
-  matmul_params = metrics.matmul_params(cfg)  # non-embedding matmul weights + LM head
-  # The machine is shared: take the best of two peak measurements around the timed runs, so the
-  # reported fraction is conservative.
-  peak = max(peak_before, metrics.measure_matmul_flops())
-  prompt_tokens = int(mask.sum())
-  res.update(matmul_params=matmul_params, peak_matmul_gflops=peak / 1e9,
-             achieved_gflops_decode=2 * matmul_params * new_tokens / jax_s / 1e9,
-             roofline_decode=2 * matmul_params * new_tokens / jax_s / peak,
-             roofline_incl_prefill=2 * matmul_params * (new_tokens + prompt_tokens) / jax_s / peak)
-
-  if not args.skip_hf:
+  res = dict(prompts=prompts, samples=samples, rows=prompts * samples,
+             prompt_tokens=int(mask.sum()), jax_new_tokens=new_tokens, jax_first_call_s=first,
+             jax_compile_s=first - jax_s, jax_warm_s=jax_s, jax_tok_per_s=new_tokens / jax_s)
+  if hf is not None:
     import torch
-    import transformers
-    torch.set_num_threads(args.torch_threads or os.cpu_count())
-    hf = transformers.Qwen2ForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
     t_ids, t_mask = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
 
     def hf_run():
       with torch.no_grad():
-        return hf.generate(t_ids, attention_mask=t_mask, do_sample=True, temperature=args.temperature,
-                           top_k=0, top_p=1.0, num_return_sequences=args.samples,
-                           max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                           pad_token_id=0)
+        return hf.generate(t_ids, attention_mask=t_mask, do_sample=True,
+                           temperature=args.temperature, top_k=0, top_p=1.0,
+                           num_return_sequences=samples, max_new_tokens=args.new_tokens,
+                           min_new_tokens=args.new_tokens, pad_token_id=0)
 
-    hf_first, hf_warm = _timed(hf_run, max(1, args.hf_repeats))
-    hf_out = hf_run()
-    hf_new = int((hf_out[:, ids.shape[1]:] >= 0).sum())
+    _, hf_warm = _timed(hf_run, max(1, args.hf_repeats))
+    hf_new = int((hf_run()[:, ids.shape[1]:] >= 0).sum())  # [P * G, N] new tokens
     hf_s = statistics.median(hf_warm)
     res.update(hf_new_tokens=hf_new, hf_warm_s=hf_s, hf_tok_per_s=hf_new / hf_s,
                speedup_vs_hf=(new_tokens / jax_s) / (hf_new / hf_s))
   return res
+
+
+def _add_rooflines(res: dict, matmul_params: int, peak: float) -> None:
+  for impl in ("jax", "hf"):
+    if f"{impl}_warm_s" not in res:
+      continue
+    seconds, new = res[f"{impl}_warm_s"], res[f"{impl}_new_tokens"]
+    res[f"{impl}_roofline_decode"] = _roofline(matmul_params, new, seconds, peak)
+    res[f"{impl}_roofline_incl_prompt"] = _roofline(
+        matmul_params, new + res["prompt_tokens"], seconds, peak)
+
+
+def bench_sampling(args, model, ckpt: Path) -> dict:
+  """Both shapes (or the one `--shape` names), with matmul rooflines from one peak."""
+  hf = None if args.skip_hf else _load_hf(args, ckpt)
+  peak_before = metrics.measure_matmul_flops()
+  shapes = list(SHAPES) if args.shape == "both" else [args.shape]
+  results = {}
+  for name in shapes:
+    label, prompts, samples = SHAPES[name](args.prompts, args.samples)
+    results[name] = dict(label=label, **bench_shape(args, model, hf, prompts, samples))
+  # The machine is shared: take the best of two peak measurements around the timed runs, so the
+  # reported fractions are conservative.
+  peak = max(peak_before, metrics.measure_matmul_flops())
+  matmul_params = metrics.matmul_params(model.cfg)  # non-embedding matmul weights + LM head
+  for res in results.values():
+    _add_rooflines(res, matmul_params, peak)
+  return dict(matmul_params=matmul_params, peak_matmul_gflops=peak / 1e9, **results)
+
+
+def summary_line(res: dict) -> str:
+  """One line per shape: throughputs, rooflines (decode / incl. prompt) and the speed-up."""
+  line = (f"{res['label']}: recllm_jax {res['jax_tok_per_s']:.0f} new tok/s "
+          f"({res['jax_roofline_decode']:.1%} / {res['jax_roofline_incl_prompt']:.1%} of roofline)")
+  if "hf_tok_per_s" in res:
+    line += (f" vs transformers {res['hf_tok_per_s']:.0f} "
+             f"({res['hf_roofline_decode']:.1%} / {res['hf_roofline_incl_prompt']:.1%}): "
+             f"{res['speedup_vs_hf']:.2f}x")
+  return line
 
 
 def _synthetic_catalog(n: int, title_len: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -252,6 +307,8 @@ def main(argv=None):
   p.add_argument("--samples", type=int, default=8)
   p.add_argument("--prompt-len", type=int, default=128)
   p.add_argument("--new-tokens", type=int, default=64)
+  p.add_argument("--shape", choices=["both", *SHAPES], default="both",
+                 help="rollout: P prompts x G samples; equal_work: P*G distinct prompts x 1")
   p.add_argument("--temperature", type=float, default=1.0)
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--hf-repeats", type=int, default=1)
@@ -283,6 +340,12 @@ def main(argv=None):
   if beam is not None:
     results["beam_search"] = beam
     print(json.dumps({"beam_search": beam}, indent=1), flush=True)
+  print(f"sampling, prompts of <= {args.prompt_len} tokens, +{args.new_tokens} new tokens, "
+        f"roofline (decode / incl. prompt) of {results['sampling']['peak_matmul_gflops']:.0f} "
+        "GFLOP/s:")
+  for name in SHAPES:
+    if name in results["sampling"]:
+      print("  " + summary_line(results["sampling"][name]), flush=True)
   return results
 
 

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from recllm_jax import sharding
-from recllm_jax.hf_io import load_hf_model
+from recllm_jax.models.qwen2_hf import load_hf_model
 from recllm_jax.models.config import benchmark_model
 from recllm_jax.train import metrics, optim
 from recllm_jax.train.sft import sft_loss_fn
@@ -54,7 +54,7 @@ def jax_step_fn(hf_dir: str, batch: dict[str, np.ndarray]):
   opt = optim.make_optimizer(schedule, weight_decay=WD, max_grad_norm=0.0)
   graphdef, state = optim.init_train_state(model, opt, seed=0)
   step = optim.make_train_step(graphdef, opt, sft_loss_fn, schedule,
-                               state_sharding=optim.state_shardings(state))
+                               state_sharding=sharding.shardings_of(state))
   from recllm_jax.data.pipeline import to_global
   batch = to_global(batch, mesh)
   holder = {"state": state}

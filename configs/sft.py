@@ -8,7 +8,9 @@ Presets:
   tiny    a random-init 4-layer Qwen2 with a BPE tokenizer trained on the catalog, on synthetic
           data generated into `<workdir>/data`; a few minutes on a 2-core CPU.
 
-The config is locked: a mistyped key fails instead of being silently ignored.
+The config is locked: a mistyped key fails instead of being silently ignored. Path keys
+(workdir, data.dir, model.hf_path, model.tokenizer_path) may use `~` and `$VAR`. For every
+`*_every` key, 0 means never (the final checkpoint on exit is still written).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import ml_collections
 from ml_collections import config_dict
 
 from recllm_jax.data.prompts import PromptConfig
+from recllm_jax.errors import ConfigError
+from recllm_jax.train.logprobs import DEFAULT_CHUNK_SIZE
 
 
 def prompt_config() -> ml_collections.ConfigDict:
@@ -39,7 +43,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.model = ml_collections.ConfigDict()
-  c.model.preset = "hf"  # 'hf' (load hf_path) or a models.PRESETS name for random init
+  # 'hf': load hf_path (weights and architecture); or a models.PRESETS name for a random init,
+  # which must leave hf_path empty.
+  c.model.preset = "hf"
   c.model.hf_path = ""
   c.model.tokenizer_path = ""  # default: hf_path's tokenizer, else one trained on the catalog
   c.model.tokenizer_vocab_size = 2048  # only for a trained tokenizer
@@ -62,6 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 1000
   c.train.batch_size = 32  # global, in sequences
+  # Micro-batches per step. batch_size must be a multiple of mesh.data x mesh.fsdp x this.
   c.train.grad_accum_steps = 1
   c.train.lr = 1e-5
   c.train.min_lr_ratio = 0.1
@@ -70,6 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.max_grad_norm = 1.0
   c.train.b1 = 0.9
   c.train.b2 = 0.95
+  # Step intervals; 0 = never (checkpoint_every=0 still saves once on exit).
   c.train.log_every = 10
   c.train.eval_every = 200
   c.train.eval_batches = 16
@@ -77,6 +85,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 3
   c.train.async_checkpoint = True
   c.train.peak_flops = 0.0  # per device; 0 = datasheet table / measured CPU matmul
+  # Sequence positions per LM-head chunk in the loss (train/logprobs.py: no [B, T, V] logits);
+  # 0 = all at once.
+  c.train.logits_chunk_size = DEFAULT_CHUNK_SIZE
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 1
@@ -93,6 +104,7 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.data.format = "synthetic"
   c.data.max_length = 256
   c.data.prompt.max_history_tokens = 160
+  c.data.prompt.target_format = "cot"  # what configs/grpo.py:tiny continues from
   c.train.num_steps = 300
   c.train.batch_size = 16
   c.train.lr = 3e-3
@@ -111,6 +123,8 @@ def paper(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.model.remat = True
   c.data.format = "amazon18"
   c.data.max_length = 1024
+  # CoT targets (templated rationale, then <answer>): the format the GRPO stage continues.
+  c.data.prompt.target_format = "cot"
   c.train.num_steps = 2000
   c.train.batch_size = 32
   c.train.lr = 1e-5
@@ -124,8 +138,8 @@ PRESETS = {"": paper, "paper": paper, "tiny": tiny}
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   name = arg or ""
   if name not in PRESETS:
-    raise ValueError(f"unknown preset {name!r} for configs/sft.py; expected one of "
-                     f"{sorted(k for k in PRESETS if k)}")
+    raise ConfigError(f"unknown preset {name!r} for configs/sft.py; expected one of "
+                      f"{sorted(k for k in PRESETS if k)}")
   config = PRESETS[name](base_config())
   config.lock()
   return config

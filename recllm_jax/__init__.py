@@ -1,8 +1,12 @@
 """recllm_jax: JAX-native training of LLM recommenders (RecLLM-R1: SFT, then GRPO)."""
 
-from recllm_jax.decoding import beam_search, generate
-from recllm_jax.hf_io import export_hf, load_hf_model
-from recllm_jax.models import KVCache, Qwen2Config, Qwen2ForCausalLM
+from recllm_jax._quiet_imports import silence_missing_torch_notice
 
-__all__ = ["KVCache", "Qwen2Config", "Qwen2ForCausalLM", "beam_search", "export_hf", "generate",
-           "load_hf_model"]
+silence_missing_torch_notice()  # before any submodule imports transformers
+
+from recllm_jax.decoding import beam_search, generate
+from recllm_jax.models import KVCache, Qwen2Config, Qwen2ForCausalLM
+from recllm_jax.models.qwen2_hf import CheckpointError, export_hf, load_hf_model
+
+__all__ = ["CheckpointError", "KVCache", "Qwen2Config", "Qwen2ForCausalLM", "beam_search",
+           "export_hf", "generate", "load_hf_model"]

@@ -30,6 +30,12 @@ Lists of items: with `num_items=K`, the decoder emits K distinct items separated
 delimiter. Token ids are matched exactly, so a delimiter must be tokenised the way the model is
 trained to emit it, and an end token (delimiter[0] or EOS) must not also continue a title that
 ends at the same node (checked at build time).
+
+Triggered lists (`TriggerSpec`, the `cot_constrained` rollout): a row reasons freely until its
+generated tokens end with a trigger sequence (e.g. the ids of "<answer>\n"); only then does the
+trie take over, and the list is followed by a forced close sequence (e.g. "\n</answer>") and EOS.
+The free prefix is matched on device with a KMP automaton over the (short, static) trigger, so
+each row switches on its own step inside the same jitted loop.
 """
 
 from __future__ import annotations
@@ -44,7 +50,8 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["ItemTrie", "TrieArrays", "CatalogConstraint", "ConstraintSpec", "ConstraintState",
-           "init_state", "allowed_tokens", "advance"]
+           "init_state", "allowed_tokens", "advance", "TriggerSpec", "TriggerState",
+           "check_trigger", "trigger_init", "trigger_allowed", "trigger_advance", "trigger_active"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -432,13 +439,17 @@ def advance(trie: TrieArrays, spec: ConstraintSpec, state: ConstraintState,
   finished = count >= spec.num_items
   ends = ~in_delim & ~finished & ~found & trie.terminal[node] & (token == _end_token(spec, count))
 
+  # A row with no usable continuation is forced to EOS (`allowed_tokens`); that ends its list, so
+  # a caller that continues after the list (`trigger_advance`) sees it as finished.
+  stuck = ~in_delim & ~finished & ~found & ~ends & (token == spec.eos_token_id)
+
   # Item completed: record its leaf and ban it (the last banned slot is always a free sentinel).
   leaf = trie.leaf_lo[node]
   slot = jnp.arange(spec.num_items)[None, :] == count[:, None]  # [B, K]
   items = jnp.where(ends[:, None] & slot, leaf[:, None], state.items)
   banned = state.banned.at[:, -1].set(jnp.where(ends, leaf, state.banned[:, -1]))
   banned = jnp.sort(banned, axis=-1)
-  count = count + ends.astype(jnp.int32)
+  count = jnp.where(stuck, spec.num_items, count + ends.astype(jnp.int32))
 
   n_delim = len(spec.delimiter)
   delim_pos = state.delim_pos + in_delim.astype(jnp.int32)  # consumed one delimiter token
@@ -449,3 +460,130 @@ def advance(trie: TrieArrays, spec: ConstraintSpec, state: ConstraintState,
   node = jnp.where(found & ~in_delim & ~finished, child, node)
   node = jnp.where(restart, 0, node)
   return ConstraintState(node=node, delim_pos=delim_pos, count=count, items=items, banned=banned)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triggered lists: free text, then the trie after a trigger sequence, then a forced close
+# ----------------------------------------------------------------------------------------------
+
+FREE, LIST, CLOSE = 0, 1, 2  # TriggerState.phase
+
+
+@dataclasses.dataclass(frozen=True)
+class TriggerSpec:
+  """Static part of a triggered constraint (hashable: it shapes the compiled program).
+
+  trigger: token ids that open the item list (e.g. "<answer>\n"); matched in generated tokens.
+  close: token ids forced after the K-th item (e.g. "\n</answer>"), then the constraint's EOS.
+    close[0] takes the place of EOS as the K-th item's end token, so it must not continue a
+    title at a node where another title ends (`check_trigger`).
+  """
+
+  trigger: tuple[int, ...]
+  close: tuple[int, ...] = ()
+
+  def borders(self) -> np.ndarray:
+    """[L, L] bool: ok[j, k-1] iff, with the last j tokens = trigger[:j], a new token t makes the
+    last k tokens = trigger[:k] exactly when t == trigger[k-1] (KMP: trigger[j-k+1:j] is a
+    prefix of the trigger)."""
+    t, n = self.trigger, len(self.trigger)
+    return np.array([[k - 1 <= j and t[j - k + 1:j] == t[:k - 1] for k in range(1, n + 1)]
+                     for j in range(n)], bool)
+
+
+def check_trigger(constraint: CatalogConstraint, tspec: TriggerSpec) -> None:
+  """Host: raises on a trigger / close that would break the list or end it early."""
+  if not tspec.trigger:
+    raise ValueError("constraint_trigger must be a non-empty sequence of token ids")
+  eos = int(constraint.eos_token_id)
+  if eos in tspec.close:
+    raise ValueError(f"constraint_close {list(tspec.close)} contains the constraint's EOS {eos}: "
+                     "EOS is appended after the close sequence")
+  bad = [t for t in tspec.trigger + tspec.close if not 0 <= t < constraint.trie.vocab_size]
+  if bad:
+    raise ValueError(f"trigger/close token ids {bad} outside [0, {constraint.trie.vocab_size})")
+  if tspec.close:
+    constraint.trie.check_end_tokens([tspec.close[0]])
+
+
+def _list_spec(spec: ConstraintSpec, tspec: TriggerSpec) -> ConstraintSpec:
+  """The item-list spec inside a triggered constraint: the K-th item ends with close[0]."""
+  end = (tspec.close + (spec.eos_token_id,))[0]
+  return dataclasses.replace(spec, eos_token_id=end)
+
+
+@flax.struct.dataclass
+class TriggerState:
+  """Per-row state of a triggered constraint; every field has the batch as its leading axis."""
+
+  phase: jax.Array  # [B] int32: FREE (before the trigger), LIST (trie), CLOSE (forced tokens)
+  match: jax.Array  # [B] int32 trigger tokens matched by the end of the free text (KMP state)
+  close_pos: jax.Array  # [B] int32 next token of close + (EOS,) to force in the CLOSE phase
+  inner: ConstraintState  # the item list; untouched outside the LIST phase
+
+
+def trigger_init(trie: TrieArrays, spec: ConstraintSpec, tspec: TriggerSpec, batch: int,
+                 history: jax.Array | None = None) -> TriggerState:
+  """Start-of-generation state: every row free, nothing matched."""
+  zeros = jnp.zeros((batch,), jnp.int32)
+  return TriggerState(phase=zeros + FREE, match=zeros, close_pos=zeros,
+                      inner=init_state(trie, _list_spec(spec, tspec), batch, history))
+
+
+def trigger_active(state: TriggerState) -> jax.Array:
+  """[B] bool: the row's next token is drawn under the constraint (list or close)."""
+  return state.phase != FREE
+
+
+def trigger_allowed(trie: TrieArrays, spec: ConstraintSpec, tspec: TriggerSpec,
+                    state: TriggerState, *, skip_idle: bool = True) -> jax.Array:
+  """[B, V] bool: all True for free rows, the trie mask in the list, one forced token after it.
+
+  Rollouts spend most steps in free reasoning, so with `skip_idle` the masks are only built
+  (`lax.cond`) on steps where some row is past its trigger.
+  """
+  batch, vocab = state.phase.shape[0], trie.vocab_size
+
+  def build() -> jax.Array:
+    mask = allowed_tokens(trie, _list_spec(spec, tspec), state.inner)  # [B, V]
+    tail = jnp.asarray(tspec.close + (spec.eos_token_id,), jnp.int32)
+    forced = tail[jnp.minimum(state.close_pos, tail.shape[0] - 1)]  # [B]
+    one_hot = jnp.arange(vocab)[None, :] == forced[:, None]  # [B, V]
+    mask = jnp.where((state.phase == CLOSE)[:, None], one_hot, mask)
+    return mask | (state.phase == FREE)[:, None]
+
+  if not skip_idle:
+    return build()
+  return jax.lax.cond(jnp.any(state.phase != FREE), build,
+                      lambda: jnp.ones((batch, vocab), bool))
+
+
+def _match_next(tspec: TriggerSpec, match: jax.Array, token: jax.Array) -> jax.Array:
+  """KMP step: [B] matched lengths before `token` [B] -> after it (L = trigger complete)."""
+  n = len(tspec.trigger)
+  ok = jnp.asarray(tspec.borders())[jnp.clip(match, 0, n - 1)]  # [B, L]
+  hit = ok & (jnp.asarray(tspec.trigger, jnp.int32)[None, :] == token[:, None])  # [B, L]
+  return jnp.max(jnp.where(hit, jnp.arange(1, n + 1), 0), axis=-1).astype(jnp.int32)
+
+
+def trigger_advance(trie: TrieArrays, spec: ConstraintSpec, tspec: TriggerSpec,
+                    state: TriggerState, token: jax.Array, *,
+                    skip_idle: bool = True) -> TriggerState:
+  """Moves every row along `token` [B] (which must have been allowed).
+
+  With `skip_idle` the trie walk only runs (`lax.cond`) on steps where some row is in its list.
+  """
+  free, listing = state.phase == FREE, state.phase == LIST
+  match = jnp.where(free, _match_next(tspec, state.match, token), state.match)
+
+  def walk() -> ConstraintState:
+    new = advance(trie, _list_spec(spec, tspec), state.inner, token)
+    return jax.tree.map(lambda a, b: jnp.where(listing.reshape((-1,) + (1,) * (a.ndim - 1)), a, b),
+                        new, state.inner)
+
+  inner = jax.lax.cond(jnp.any(listing), walk, lambda: state.inner) if skip_idle else walk()
+  ended = listing & (inner.count >= spec.num_items)  # the token was close[0] (or EOS)
+  phase = jnp.where(free & (match == len(tspec.trigger)), LIST, state.phase)
+  phase = jnp.where(ended, CLOSE, phase)
+  close_pos = state.close_pos + ((state.phase == CLOSE) | ended).astype(jnp.int32)
+  return TriggerState(phase=phase.astype(jnp.int32), match=match, close_pos=close_pos, inner=inner)

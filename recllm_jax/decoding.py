@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from recllm_jax import buckets
 from recllm_jax import constraints as cons
 from recllm_jax.models.qwen2 import KVCache, Qwen2ForCausalLM
 from recllm_jax.sharding import shard
@@ -39,14 +40,13 @@ def compile_count() -> int:
 
 
 def bucket_length(n: int, minimum: int = 64) -> int:
-  """Prompt-length bucket: powers of two from `minimum` up to 1024, then multiples of 512.
+  """Prompt-length bucket (`buckets.geometric_bucket`): powers of two from `minimum` up to 1024,
+  then multiples of 512.
 
   Prompts are left-padded to their bucket so that e.g. all prompts of 65..128 tokens share one
   compiled program; padding costs at most 2x prefill work, and prefill is cheap next to decode.
   """
-  if n <= 1024:
-    return max(minimum, 1 << max(0, int(n - 1).bit_length()))
-  return -(-n // 512) * 512
+  return buckets.geometric_bucket(n, minimum)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -64,14 +64,18 @@ class GenerateOutput:
     (temperature, top-k, top-p and constraint applied, renormalised); for greedy decoding the
     model's own log-softmax. 0 at padding.
   items: [N, K] int32 trie leaf ids of the decoded items (constrained decoding), -1 if the row
-    ended before completing item k; None without a constraint. Map with
-    `CatalogConstraint.items`.
+    ended before completing item k (or never reached its trigger); None without a constraint.
+    Map with `CatalogConstraint.items`.
+  constrained: [N, M] bool, True where the token was drawn under the constraint's mask (trie
+    tokens, delimiters, the forced close sequence and EOS); with a trigger, False for the free
+    text up to and including the trigger. False at padding; None without a constraint.
   """
 
   tokens: jax.Array
   lengths: jax.Array
   logprobs: jax.Array
   items: jax.Array | None = None
+  constrained: jax.Array | None = None
 
 
 @flax.struct.dataclass
@@ -204,6 +208,23 @@ def _constraint_args(constraint: cons.CatalogConstraint | None, batch: int):
   return constraint.trie.device_arrays(), constraint.spec, history
 
 
+def _trigger_spec(constraint: cons.CatalogConstraint | None, trigger: Sequence[int] | None,
+                  close: Sequence[int], eos_ids: tuple[int, ...]) -> cons.TriggerSpec | None:
+  close = tuple(int(t) for t in close)
+  if set(close) & set(eos_ids):
+    raise ValueError(f"constraint_close {list(close)} contains an EOS id of {list(eos_ids)}: the "
+                     "row would stop inside the close sequence")
+  if trigger is None:
+    if close:
+      raise ValueError("constraint_close is only used with a constraint_trigger")
+    return None
+  if constraint is None:
+    raise ValueError("constraint_trigger needs a constraint (a CatalogConstraint)")
+  tspec = cons.TriggerSpec(tuple(int(t) for t in trigger), close)
+  cons.check_trigger(constraint, tspec)
+  return tspec
+
+
 # ----------------------------------------------------------------------------------------------
 # Sampling / greedy
 # ----------------------------------------------------------------------------------------------
@@ -217,28 +238,39 @@ class _Carry:
   done: jax.Array  # [N] bool
   tokens: jax.Array  # [N, M] int32
   logprobs: jax.Array  # [N, M] fp32
-  cstate: Any  # ConstraintState | None
+  cstate: Any  # ConstraintState (TriggerState with a trigger) | None
+  constrained: Any  # [N, M] bool | None
   rng: jax.Array
 
 
 @functools.partial(jax.jit, static_argnames=(
     "graphdef", "max_new_tokens", "cache_len", "num_samples", "temperature", "top_k", "top_p",
-    "eos_ids", "pad_id", "spec"))
+    "eos_ids", "pad_id", "spec", "tspec"))
 def _generate_jit(graphdef, state, ids, mask, rng, trie, history, *, max_new_tokens, cache_len,
-                  num_samples, temperature, top_k, top_p, eos_ids, pad_id, spec):
+                  num_samples, temperature, top_k, top_p, eos_ids, pad_id, spec, tspec):
   _TRACES["count"] += 1
   model = nnx.merge(graphdef, state)
   logits, cache = _prefill(model, ids, mask, cache_len, num_samples)
   rows = logits.shape[0]
-  cstate = None
+  cstate = constrained = None
   if spec is not None:
     if history is not None:
       history = jnp.repeat(history, num_samples, axis=0)
-    cstate = cons.init_state(trie, spec, rows, history)
+    if tspec is None:
+      cstate = cons.init_state(trie, spec, rows, history)
+    else:
+      cstate = cons.trigger_init(trie, spec, tspec, rows, history)
+    constrained = jnp.zeros((rows, max_new_tokens), bool)
 
   def select(c: _Carry) -> _Carry:
     """Picks the token at `step` for every row from `c.logits` and records it."""
-    allowed = None if spec is None else cons.allowed_tokens(trie, spec, c.cstate)  # [N, V]
+    allowed = active = None
+    if spec is not None and tspec is None:
+      allowed = cons.allowed_tokens(trie, spec, c.cstate)  # [N, V]
+      active = ~c.done
+    elif spec is not None:
+      allowed = cons.trigger_allowed(trie, spec, tspec, c.cstate)  # [N, V], free rows all True
+      active = cons.trigger_active(c.cstate) & ~c.done
     if temperature == 0.0:
       masked = c.logits if allowed is None else jnp.where(allowed, c.logits, _NEG_INF)
       token = jnp.argmax(masked, axis=-1).astype(jnp.int32)
@@ -250,14 +282,18 @@ def _generate_jit(graphdef, state, ids, mask, rng, trie, history, *, max_new_tok
     token_logp = jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]  # [N]
     token = jnp.where(c.done, pad_id, token)
     token_logp = jnp.where(c.done, 0.0, token_logp)
-    cstate = c.cstate
+    cstate, constrained = c.cstate, c.constrained
     if spec is not None:
-      new = cons.advance(trie, spec, cstate, token)
+      if tspec is None:
+        new = cons.advance(trie, spec, cstate, token)
+      else:
+        new = cons.trigger_advance(trie, spec, tspec, cstate, token)
       cstate = jax.tree.map(lambda a, b: jnp.where(
           c.done.reshape(c.done.shape + (1,) * (a.ndim - 1)), a, b), cstate, new)
+      constrained = constrained.at[:, c.step].set(active)
     return c.replace(
         tokens=c.tokens.at[:, c.step].set(token), logprobs=c.logprobs.at[:, c.step].set(token_logp),
-        done=c.done | _is_eos(token, eos_ids), cstate=cstate)
+        done=c.done | _is_eos(token, eos_ids), cstate=cstate, constrained=constrained)
 
   def body(c: _Carry) -> _Carry:
     c = select(c)
@@ -271,22 +307,26 @@ def _generate_jit(graphdef, state, ids, mask, rng, trie, history, *, max_new_tok
   carry = _Carry(step=jnp.zeros((), jnp.int32), logits=logits, cache=cache,
                  done=jnp.zeros((rows,), bool),
                  tokens=jnp.full((rows, max_new_tokens), pad_id, jnp.int32),
-                 logprobs=jnp.zeros((rows, max_new_tokens), jnp.float32), cstate=cstate, rng=rng)
+                 logprobs=jnp.zeros((rows, max_new_tokens), jnp.float32), cstate=cstate,
+                 constrained=constrained, rng=rng)
   carry = jax.lax.while_loop(cond, body, carry)
   carry = select(carry)  # the last token needs no forward pass
   eos = _is_eos(carry.tokens, eos_ids)  # [N, M]
   before_first_eos = jnp.cumsum(eos, axis=-1) - eos == 0  # EOS itself counts (pad may equal EOS)
   lengths = jnp.sum(before_first_eos & (jnp.arange(max_new_tokens) <= carry.step), axis=-1)
-  items = None if spec is None else carry.cstate.items
+  items = None
+  if spec is not None:
+    items = (carry.cstate if tspec is None else carry.cstate.inner).items
   return GenerateOutput(tokens=carry.tokens, lengths=lengths.astype(jnp.int32),
-                        logprobs=carry.logprobs, items=items)
+                        logprobs=carry.logprobs, items=items, constrained=carry.constrained)
 
 
 def generate(model: Qwen2ForCausalLM, input_ids: Any, attention_mask: Any, *,
              max_new_tokens: int, rng: jax.Array | None = None, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, eos_token_id: int | Sequence[int] | None = None,
              pad_token_id: int = 0, constraint: cons.CatalogConstraint | None = None,
-             num_samples: int = 1) -> GenerateOutput:
+             num_samples: int = 1, constraint_trigger: Sequence[int] | None = None,
+             constraint_close: Sequence[int] = ()) -> GenerateOutput:
   """Decodes up to `max_new_tokens` tokens for each prompt, `num_samples` times.
 
   Args:
@@ -300,12 +340,21 @@ def generate(model: Qwen2ForCausalLM, input_ids: Any, attention_mask: Any, *,
     eos_token_id: int or list of ints; a row stops after emitting one. The constraint's EOS is
       always added.
     pad_token_id: fills prompt padding and the tokens after EOS.
-    constraint: optional `CatalogConstraint`: only catalog items (or lists of them) are decoded.
+    constraint: optional `CatalogConstraint`: only catalog items (or lists of them) are decoded,
+      from the first generated token unless `constraint_trigger` is given.
     num_samples: G samples per prompt (a GRPO group); prompts are prefilled once and the cache is
       repeated, output row b*G + g is sample g of prompt b.
+    constraint_trigger: token ids (e.g. of "<answer>\n") that switch `constraint` on: each row
+      decodes freely (and may stop at EOS) until its generated tokens end with this sequence;
+      from the next token on it emits the constraint's K distinct items, then
+      `constraint_close`, then the constraint's EOS. Rows that never produce it stay free.
+    constraint_close: token ids (e.g. of "\n</answer>") forced after the K-th item when a
+      trigger is given; its first token ends the K-th item in place of EOS, so it must not
+      continue a title where another title ends. Empty: the K-th item ends with EOS as usual.
 
   Returns:
-    `GenerateOutput` with [B*G, max_new_tokens] tokens and log-probs.
+    `GenerateOutput` with [B*G, max_new_tokens] tokens and log-probs (and, with a constraint,
+    the items and the per-token `constrained` mask).
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -315,6 +364,8 @@ def generate(model: Qwen2ForCausalLM, input_ids: Any, attention_mask: Any, *,
     raise ValueError("sampling (temperature > 0) needs an rng key")
   if not 0.0 < top_p <= 1.0:
     raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+  eos_ids = _eos_tuple(eos_token_id, constraint)
+  tspec = _trigger_spec(constraint, constraint_trigger, constraint_close, eos_ids)
   batch, length = np.shape(input_ids)
   bucket = bucket_length(length)
   ids, mask = _left_align(input_ids, attention_mask, bucket, pad_token_id)
@@ -325,8 +376,7 @@ def generate(model: Qwen2ForCausalLM, input_ids: Any, attention_mask: Any, *,
       graphdef, state, jnp.asarray(ids), jnp.asarray(mask), rng, trie, history,
       max_new_tokens=int(max_new_tokens), cache_len=bucket + int(max_new_tokens),
       num_samples=int(num_samples), temperature=float(temperature), top_k=int(top_k),
-      top_p=float(top_p), eos_ids=_eos_tuple(eos_token_id, constraint), pad_id=int(pad_token_id),
-      spec=spec)
+      top_p=float(top_p), eos_ids=eos_ids, pad_id=int(pad_token_id), spec=spec, tspec=tspec)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,6 +9,16 @@ Every weight and main activation carries logical axis names (`'embed'`, `'mlp'`,
 
 A dimension that is not divisible by its mesh axes is replicated instead of failing, so one rule
 set serves every model size and mesh (e.g. 2 KV heads on a tensor axis of 4).
+
+The active rule set (`logical_rules` swaps it) is read when a function is traced, so it is part
+of JAX's jit cache key (`jax.make_user_context`): a function traced under one rule set is traced
+again under another instead of silently reusing the old layout.
+
+Why not flax's own logical-axis rules (`nnx.logical_axis_rules`, `flax.linen` partitioning)?
+They map names one to one, with no fallback for non-divisible dimensions (under them
+`nnx.eval_shape` gives 2 KV heads the spec `'tensor'` on a tensor axis of 4) and no dropping of
+size-1 or already-used mesh axes, and their rule set is a thread-local that is not part of the
+jit cache key either. So variables keep plain logical names and this module resolves them.
 """
 
 from __future__ import annotations
@@ -21,6 +31,8 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from recllm_jax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -46,35 +58,52 @@ LOGICAL_RULES: LogicalRules = (
     ("norm", None),
 )
 
-_active_rules: list[LogicalRules] = [LOGICAL_RULES]
+# The rule set in force. A jit-cache-sensitive context: `shard` reads it at trace time, so
+# changing it must force a retrace (a plain global would let a cached trace keep stale layouts).
+_rules_context = jax.make_user_context(default_value=LOGICAL_RULES)
+
+
+def _hashable(rules: LogicalRules) -> LogicalRules:
+  return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
+
+
+def active_rules() -> LogicalRules:
+  """The logical-to-mesh rules in force (`LOGICAL_RULES` unless `logical_rules` is active)."""
+  return _rules_context.value
 
 
 @contextlib.contextmanager
 def logical_rules(rules: LogicalRules) -> Iterator[None]:
-  """Temporarily replaces the logical-to-mesh rules (e.g. pure data parallelism)."""
-  _active_rules.append(tuple(rules))
-  try:
+  """Temporarily replaces the logical-to-mesh rules (e.g. pure data parallelism).
+
+  Functions jitted inside the context are traced for these rules; calling them again outside
+  (or under other rules) retraces rather than reusing this layout.
+  """
+  with _rules_context(_hashable(rules)):
     yield
-  finally:
-    _active_rules.pop()
 
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A `(data, fsdp, tensor)` mesh; one axis may be -1 to take the remaining devices."""
+  """A `(data, fsdp, tensor)` mesh; one axis may be -1 to take the remaining devices.
+
+  Raises ConfigError (a ValueError) when the sizes do not fit the devices.
+  """
   devices = list(jax.devices() if devices is None else devices)
   sizes = [data, fsdp, tensor]
-  if sizes.count(-1) > 1:
-    raise ValueError(f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
+  given = f"mesh.data={data} mesh.fsdp={fsdp} mesh.tensor={tensor}"
+  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise ConfigError(f"{given}: each mesh axis must be a positive size, and at most one may be "
+                      "-1 (the remaining devices)")
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if len(devices) % known:
-      raise ValueError(f"{len(devices)} devices cannot be split into data={data} fsdp={fsdp} "
-                       f"tensor={tensor}")
+      raise ConfigError(f"{given}: {len(devices)} devices cannot be split into axes of "
+                        f"{' x '.join(str(s) for s in sizes if s != -1)} and a remainder")
     sizes[sizes.index(-1)] = len(devices) // known
   if math.prod(sizes) != len(devices):
-    raise ValueError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = "
-                     f"{math.prod(sizes)} devices, but {len(devices)} are available")
+    raise ConfigError(f"{given}: {' x '.join(map(str, sizes))} = {math.prod(sizes)} devices, "
+                      f"but {len(devices)} are available")
   # jax.make_mesh orders devices so that the innermost (tensor) axis gets the fastest links.
   # Auto axes: XLA propagates shardings from the weights and the `shard` constraints.
   return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices,
@@ -91,7 +120,7 @@ def _axis_size(mesh: Any, axes: str | tuple[str, ...] | None) -> int:
 def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int] | None = None,
                     mesh: Any = None, rules: LogicalRules | None = None) -> P:
   """Maps logical axis names to a PartitionSpec, replicating non-divisible dimensions."""
-  rules = dict(_active_rules[-1] if rules is None else rules)
+  rules = dict(active_rules() if rules is None else rules)
   spec, used = [], set()
   for i, name in enumerate(logical_axes):
     if name is not None and name not in rules:
@@ -123,8 +152,17 @@ def _is_variable(x: Any) -> bool:
   return isinstance(x, nnx.Variable)
 
 
-def state_shardings(state: Any, mesh: Mesh) -> Any:
-  """A pytree like `state` whose leaves are the NamedShardings of its variables."""
+def batch_axis_size(mesh: Any) -> int:
+  """How many ways the `'batch'` logical axis splits over `mesh` (data x fsdp by default)."""
+  return _axis_size(mesh, logical_to_spec(("batch",), None, mesh)[0])
+
+
+def logical_shardings(state: Any, mesh: Mesh) -> Any:
+  """The layout `LOGICAL_RULES` gives each variable of `state` on `mesh` (from its logical names).
+
+  A pytree like `state` whose leaves are NamedShardings: the target layout to create or load
+  variables into. For the layout arrays already have, see `shardings_of`.
+  """
 
   def to_sharding(var: nnx.Variable) -> nnx.Variable:
     names = var.get_metadata().get("out_sharding") or (None,) * len(var.get_value().shape)
@@ -151,7 +189,7 @@ def create_sharded(constructor: Callable[[], nnx.Module], mesh: Mesh | None = No
   """
   abstract = abstract_module(constructor)
   graphdef, abstract_state = nnx.split(abstract)
-  out_shardings = None if mesh is None else state_shardings(abstract_state, mesh)
+  out_shardings = None if mesh is None else logical_shardings(abstract_state, mesh)
 
   @jax.jit
   def init():
@@ -163,9 +201,19 @@ def create_sharded(constructor: Callable[[], nnx.Module], mesh: Mesh | None = No
   return nnx.merge(graphdef, init())
 
 
+def shardings_of(tree: Any) -> Any:
+  """The shardings arrays in `tree` already have (e.g. to pin a jitted step's outputs to them)."""
+  return jax.tree.map(lambda x: x.sharding, tree)
+
+
 def host_array(x: jax.Array) -> np.ndarray:
   """Gathers a (possibly sharded) array to host memory as numpy."""
   if getattr(x, "is_fully_addressable", True):
     return np.asarray(jax.device_get(x))
   from jax.experimental import multihost_utils
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+__all__ = ["LOGICAL_RULES", "MESH_AXES", "LogicalRules", "abstract_module", "active_rules",
+           "batch_axis_size", "create_sharded", "host_array", "logical_rules", "logical_shardings",
+           "logical_to_spec", "make_mesh", "shard", "shardings_of"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -54,6 +55,17 @@ def hf_checkpoint(tmp_path: Path) -> Callable[..., tuple[Path, Any]]:
   return make
 
 
+@pytest.fixture(scope="session")
+def r1_tokenizer(tmp_path_factory):
+  """The DeepSeek-R1-Distill stand-in of tests/r1_tokenizer.py (real template, tiny BPE).
+
+  Its directory is `r1_tokenizer.name_or_path` (usable as `model.tokenizer_path`).
+  """
+  from r1_tokenizer import build_r1_tokenizer
+
+  return build_r1_tokenizer(tmp_path_factory.mktemp("r1_tokenizer"))
+
+
 @pytest.fixture
 def office_dir() -> Path:
   if not OFFICE_DIR.exists():
@@ -61,8 +73,22 @@ def office_dir() -> Path:
   return OFFICE_DIR
 
 
+MESH_DEVICES = 8
+_DEVICE_COUNT_FLAG = re.compile(r"--xla_force_host_platform_device_count=\S*")
+
+
 def pytest_configure(config):
-  # Tests that need a mesh use 8 simulated CPU devices; must be set before jax initialises.
-  flags = os.environ.get("XLA_FLAGS", "")
-  if "xla_force_host_platform_device_count" not in flags:
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8".strip()
+  # Mesh tests need 8 simulated CPU devices. A user's own count (e.g. 2) is overridden rather than
+  # respected: with fewer devices those tests could only skip, and the suite would pass without
+  # any sharding coverage. Must be set before jax initialises its backends.
+  flags = _DEVICE_COUNT_FLAG.sub("", os.environ.get("XLA_FLAGS", "")).split()
+  os.environ["XLA_FLAGS"] = " ".join(
+      [*flags, f"--xla_force_host_platform_device_count={MESH_DEVICES}"])
+  import jax
+
+  if jax.device_count() < MESH_DEVICES:
+    raise pytest.UsageError(
+        f"tests/conftest.py: the mesh tests need {MESH_DEVICES} devices but jax sees "
+        f"{jax.device_count()} {jax.default_backend()} device(s). XLA_FLAGS forces "
+        f"{MESH_DEVICES} host CPU devices, which only works if jax's backends were not initialised "
+        "before this hook and the default platform is the CPU; run with JAX_PLATFORMS=cpu.")

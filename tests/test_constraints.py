@@ -9,7 +9,7 @@ import pytest
 
 from recllm_jax import constraints as cons
 from recllm_jax.decoding import generate
-from recllm_jax.hf_io import load_hf_model
+from recllm_jax.models.qwen2_hf import load_hf_model
 
 EOS, DELIM, VOCAB = 2, 3, 16
 

@@ -1,5 +1,7 @@
 """Meshes, logical rules, and an 8-device FSDP x tensor model equal to one device."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,11 +11,9 @@ from jax.sharding import PartitionSpec as P
 
 import recllm_jax
 from recllm_jax import sharding
+from recllm_jax.errors import ConfigError
 from recllm_jax.models import Qwen2ForCausalLM
 from recllm_jax.models.config import tiny
-
-pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
-
 
 def test_make_mesh_fills_minus_one():
   mesh = sharding.make_mesh(data=2, fsdp=-1, tensor=2)
@@ -21,11 +21,19 @@ def test_make_mesh_fills_minus_one():
   assert dict(sharding.make_mesh().shape) == {"data": 1, "fsdp": 8, "tensor": 1}
 
 
-@pytest.mark.parametrize("axes", [dict(data=3, fsdp=-1), dict(data=2, fsdp=2, tensor=1),
-                                  dict(data=-1, fsdp=-1)])
-def test_make_mesh_rejects_bad_shapes(axes):
-  with pytest.raises(ValueError, match="mesh|devices"):
+@pytest.mark.parametrize("axes, message", [
+    (dict(data=3, fsdp=-1), "mesh.data=3 mesh.fsdp=-1 mesh.tensor=1: 8 devices cannot be split"),
+    (dict(data=2, fsdp=2, tensor=1), "2 x 2 x 1 = 4 devices, but 8 are available"),
+    (dict(data=-1, fsdp=-1), "at most one may be -1"),
+    (dict(data=0, fsdp=-1), "positive size")])
+def test_make_mesh_rejects_bad_shapes_naming_the_keys(axes, message):
+  with pytest.raises(ConfigError, match=re.escape(message)):
     sharding.make_mesh(**axes)
+
+
+def test_batch_axis_size_is_data_times_fsdp():
+  assert sharding.batch_axis_size(sharding.make_mesh(data=2, fsdp=2, tensor=2)) == 4
+  assert sharding.batch_axis_size(sharding.make_mesh(data=1, fsdp=1, tensor=8)) == 1
 
 
 def test_logical_rules_replicate_non_divisible_dims():
@@ -49,6 +57,21 @@ def test_logical_rules_context_swaps_the_rule_set():
   assert sharding.logical_to_spec(("batch",), (8,), mesh) == P("data")
   mesh = sharding.make_mesh(fsdp=2, tensor=4)
   assert sharding.logical_to_spec(("embed", "mlp"), (64, 96), mesh) == P("fsdp", "tensor")
+
+
+def test_logical_rules_are_part_of_the_jit_cache_key():
+  # `shard` reads the rules at trace time: a trace made under one rule set must not be reused
+  # under another (a plain global would silently keep the first layout).
+  mesh = sharding.make_mesh(fsdp=8)
+  constrain = jax.jit(lambda x: sharding.shard(x * 2, ("embed",)))
+  x = jnp.arange(16.0)
+  with jax.set_mesh(mesh):
+    assert constrain(x).sharding.spec == P("fsdp")
+    with sharding.logical_rules((("embed", None),)):
+      assert sharding.active_rules() == (("embed", None),)
+      assert constrain(x).sharding.is_fully_replicated
+    assert constrain(x).sharding.spec == P("fsdp")
+  assert sharding.active_rules() == sharding.LOGICAL_RULES
 
 
 def test_eight_device_mesh_matches_single_device(hf_checkpoint):

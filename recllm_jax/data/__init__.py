@@ -1,11 +1,18 @@
 """Recommendation data: catalogs, dataset readers, synthetic data, tokenizer, prompts.
 
-The Grain pipeline (``recllm_jax.data.pipeline``) builds on these. The
-tokenizer helper imports ``transformers`` and is therefore imported lazily.
+Modules, lowest layer first (each imports only modules above it in this list):
+``errors`` and ``catalog``; ``schema`` (``Example``, ``RecDataset``, file
+names); ``reader_utils``; one module per format (``jsonl``, ``amazon18``) and
+``synthetic``; ``loading`` (``load_dataset``, ``detect_format``); then
+``prompts``, ``tokenizer`` and the Grain ``pipeline``. The tokenizer helper
+imports ``transformers`` and is therefore imported lazily.
 """
 
+from recllm_jax.data.amazon18 import read_amazon18
 from recllm_jax.data.catalog import Catalog, Item, normalize_title, popularity
 from recllm_jax.data.errors import DataError
+from recllm_jax.data.jsonl import read_jsonl
+from recllm_jax.data.loading import detect_format, load_dataset
 from recllm_jax.data.prompts import (
   PromptConfig,
   build_prompt,
@@ -16,14 +23,7 @@ from recllm_jax.data.prompts import (
   extract_titles,
   render_history,
 )
-from recllm_jax.data.sources import (
-  Example,
-  RecDataset,
-  detect_format,
-  load_dataset,
-  read_amazon18,
-  read_jsonl,
-)
+from recllm_jax.data.schema import Example, RecDataset
 from recllm_jax.data.synthetic import generate_synthetic
 
 __all__ = [

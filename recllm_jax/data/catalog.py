@@ -4,19 +4,34 @@ LLM recommenders generate *titles*, while metrics and rewards are defined on
 item *ids*. Titles are not unique in real catalogs (Amazon Office_Products has
 3,443 distinct titles for 3,459 items), so the catalog offers both "all ids
 with this title" and a deterministic "ground to one id" rule.
+
+This module is the bottom of ``recllm_jax.data``: it imports nothing from the
+package, so :mod:`~recllm_jax.data.schema` (which holds a :class:`Catalog` in
+every dataset) can import it without a cycle.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
 
-if TYPE_CHECKING:  # pragma: no cover - import only for type checkers
-  from recllm_jax.data.sources import Example
+__all__ = ["Catalog", "Item", "ItemSequence", "normalize_title", "popularity"]
 
-__all__ = ["Item", "Catalog", "normalize_title", "popularity"]
+
+class ItemSequence(Protocol):
+  """What :func:`popularity` reads: item ids seen (``history``) and next (``targets``).
+
+  :class:`recllm_jax.data.schema.Example` satisfies it; a protocol keeps
+  this module free of imports from the rest of the package.
+  """
+
+  @property
+  def history(self) -> Sequence[str]: ...
+
+  @property
+  def targets(self) -> Sequence[str]: ...
 
 
 def normalize_title(title: str) -> str:
@@ -108,7 +123,7 @@ class Catalog:
     return [self.items[ids[0]].title for ids in self._by_title.values()]
 
 
-def popularity(examples: Iterable[Example]) -> collections.Counter[str]:
+def popularity(examples: Iterable[ItemSequence]) -> collections.Counter[str]:
   """Count item-id occurrences over histories and targets.
 
   Pass *training* examples only: counting evaluation targets would leak

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import os
 
+from recllm_jax.errors import UserError
+
 __all__ = ["DataError"]
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
   """A dataset file is malformed, inconsistent or empty.
 
   Subclasses :class:`ValueError` so callers that already guard against bad

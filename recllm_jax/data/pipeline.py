@@ -7,100 +7,104 @@ epochs back to back (batches span epoch boundaries, so no example is dropped by
 integer that the checkpoint saves. A resumed run therefore sees exactly the
 batches an uninterrupted run would have seen.
 
-Each example becomes `prompt ids + completion ids + eos`. Only completion and
-eos tokens are trained on (`loss_mask`). Long sequences lose prompt tokens from
-the left (the oldest history), never completion tokens. Batches are padded on
-the right to the smallest of a few bucket lengths, so `jit` compiles one
-program per bucket instead of one per length.
+Each example becomes `prompt ids + completion ids + eos`, the prompt encoded by
+`tokenizer.encode_prompt` (exactly one BOS). Only completion and eos tokens are
+trained on (`loss_mask`). Sequences fit `max_length` because the format function
+budgets the prompt's *history* (`prompts.build_sft_pair(..., max_length=...)`); the
+pipeline never cuts a prompt (that would remove the BOS and the template header), and
+only cuts a completion's tail when the shortest prompt leaves too little room (its
+eos is then lost). Both events are counted per row (`STAT_KEYS`) so the train loop
+can log them. Batches are padded on the right to the smallest of a few bucket lengths
+(`buckets.linear_buckets`), so `jit` compiles one program per bucket instead of one
+per length.
 
-Batch layout (all `[B, T]`, T a bucket length):
-  input_ids       int32  tokens fed to the model (padded with `pad_id`)
-  attention_mask  int32  1 on real tokens
-  targets         int32  next token at every position (`input_ids` shifted left)
-  loss_mask       float32 1 where `targets` is a completion/eos token
+Batch layout (`[B, T]`, T a bucket length), sent to the devices:
+  input_ids          int32   tokens fed to the model (padded with `pad_id`)
+  attention_mask     int32   1 on real tokens
+  targets            int32   next token at every position (`input_ids` shifted left)
+  loss_mask          float32 1 where `targets` is a completion/eos token
+Host-only per-row statistics (`[B]` int32; `split_stats` removes them, `to_global` skips them):
+  history_truncated  1 if the prompt shows fewer history items than the example has
+  eos_lost           1 if the completion was cut, so its eos is not trained
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any
 
 import grain
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from recllm_jax import buckets as buckets_lib
 from recllm_jax.data.errors import DataError
+from recllm_jax.data.prompts import SftPair
+from recllm_jax.data.tokenizer import Tokenizer, encode_prompt
 
 Batch = dict[str, np.ndarray]
-# example -> (prompt_text, completion_text); the completion has no eos.
-FormatFn = Callable[[Any], tuple[str, str]]
+# example -> its prompt and completion text (the completion has no eos).
+FormatFn = Callable[[Any], SftPair]
 
 BATCH_KEYS = ("input_ids", "attention_mask", "targets", "loss_mask")
+STAT_KEYS = ("history_truncated", "eos_lost")
 
-
-class Tokenizer(Protocol):
-  """The part of a `transformers` tokenizer the pipeline uses."""
-
-  eos_token_id: int | None
-  pad_token_id: int | None
-
-  def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]:
-    ...
+# The padded lengths of right-padded training sequences (the policy lives in `recllm_jax.buckets`).
+bucket_lengths = buckets_lib.linear_buckets
 
 
 @dataclasses.dataclass(frozen=True)
 class TokenizedExample:
-  """`tokens[:-1]` are inputs and `tokens[1:]` targets; `completion_start` indexes `tokens`."""
+  """`tokens[:-1]` are inputs and `tokens[1:]` targets; `completion_start` indexes `tokens`.
+
+  A prompt-only example (for GRPO previews) has `completion_start == len(tokens)`.
+  """
 
   tokens: np.ndarray  # int32 [L]
   completion_start: int
+  history_truncated: bool = False
+  eos_lost: bool = False
 
 
-def bucket_lengths(max_length: int, num_buckets: int = 4, multiple: int = 16) -> tuple[int, ...]:
-  """`num_buckets` evenly spaced lengths up to `max_length`, rounded up to `multiple`."""
-  if max_length < 2:
-    raise ValueError(f"max_length must be >= 2, got {max_length}")
-  lengths = {min(max_length, -(-max_length * (i + 1) // num_buckets // multiple) * multiple)
-             for i in range(num_buckets)}
-  return tuple(sorted(lengths))
+def tokenize_example(pair: SftPair, tokenizer: Tokenizer, max_length: int) -> TokenizedExample:
+  """`prompt + completion + eos`, at most `max_length + 1` tokens (inputs + 1 target).
 
-
-def tokenize_example(prompt: str, completion: str, tokenizer: Tokenizer,
-                     max_length: int) -> TokenizedExample:
-  """`prompt + completion + eos`, at most `max_length + 1` tokens (inputs+1 target).
-
-  The prompt is cut from the left: its start holds the oldest history, the least useful
-  context. The completion is what we learn from, so it is kept whole; only if it alone exceeds
-  the budget is its tail cut (the eos is then lost, which the caller sees in `num_truncated`).
+  The prompt is kept whole. If the completion does not fit after it, its tail is cut
+  (`eos_lost`); a prompt that leaves no room for a single completion token is a `DataError`.
   """
   if tokenizer.eos_token_id is None:
     raise ValueError("the tokenizer has no eos token; SFT completions must end with eos")
-  prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
-  completion_ids = tokenizer.encode(completion, add_special_tokens=False)
-  completion_ids = completion_ids + [tokenizer.eos_token_id]
-  budget = max_length + 1
-  completion_ids = completion_ids[:budget - 1] if len(completion_ids) >= budget else completion_ids
-  keep_prompt = max(1, budget - len(completion_ids))
-  prompt_ids = prompt_ids[-keep_prompt:] if prompt_ids else []
+  prompt_ids = encode_prompt(tokenizer, pair.prompt)
   if not prompt_ids:
     raise DataError("empty prompt: there is no token to predict the first completion token from")
-  tokens = np.asarray(prompt_ids + completion_ids, np.int32)
-  return TokenizedExample(tokens=tokens, completion_start=len(prompt_ids))
+  room = max_length + 1 - len(prompt_ids)
+  if room < 1:
+    raise DataError(
+        f"a prompt of {len(prompt_ids)} tokens (showing {pair.history_kept} of "
+        f"{pair.history_total} history items) leaves no room for the completion within "
+        f"data.max_length={max_length}; raise data.max_length or shorten the prompt template")
+  completion_ids = tokenizer.encode(pair.completion, add_special_tokens=False)
+  completion_ids = [*completion_ids, tokenizer.eos_token_id]
+  tokens = np.asarray(prompt_ids + completion_ids[:room], np.int32)
+  return TokenizedExample(tokens=tokens, completion_start=len(prompt_ids),
+                          history_truncated=pair.history_truncated,
+                          eos_lost=len(completion_ids) > room)
 
 
 def collate(examples: Sequence[TokenizedExample], buckets: Sequence[int], pad_id: int) -> Batch:
   """Pads a list of examples (right padding) to the smallest bucket that fits them all."""
-  longest = max(len(e.tokens) - 1 for e in examples)
-  length = next((b for b in buckets if b >= longest), None)
-  if length is None:
-    raise ValueError(f"sequence of {longest} inputs exceeds the largest bucket {buckets[-1]}")
+  length = buckets_lib.smallest_bucket(buckets, max(len(e.tokens) - 1 for e in examples))
+  rows = len(examples)
   batch = {
-      "input_ids": np.full((len(examples), length), pad_id, np.int32),
-      "attention_mask": np.zeros((len(examples), length), np.int32),
-      "targets": np.full((len(examples), length), pad_id, np.int32),
-      "loss_mask": np.zeros((len(examples), length), np.float32),
+      "input_ids": np.full((rows, length), pad_id, np.int32),
+      "attention_mask": np.zeros((rows, length), np.int32),
+      "targets": np.full((rows, length), pad_id, np.int32),
+      "loss_mask": np.zeros((rows, length), np.float32),
+      "history_truncated": np.asarray([e.history_truncated for e in examples], np.int32),  # [B]
+      "eos_lost": np.asarray([e.eos_lost for e in examples], np.int32),  # [B]
   }
   for row, ex in enumerate(examples):
     n = len(ex.tokens) - 1
@@ -110,6 +114,12 @@ def collate(examples: Sequence[TokenizedExample], buckets: Sequence[int], pad_id
     # targets[i] = tokens[i + 1]: completion targets start at position completion_start - 1.
     batch["loss_mask"][row, ex.completion_start - 1:n] = 1.0
   return batch
+
+
+def split_stats(batch: Batch) -> tuple[Batch, dict[str, int]]:
+  """`(the device part of batch, {stat key: rows with that event})`; `batch` is not modified."""
+  stats = {k: int(np.sum(batch[k])) for k in STAT_KEYS if k in batch}
+  return {k: v for k, v in batch.items() if k not in STAT_KEYS}, stats
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,9 +145,18 @@ def _process_batch_size(batch_size: int) -> int:
   return batch_size // count
 
 
-def _tokenized(examples: Sequence[Any], format_fn: FormatFn, tokenizer: Tokenizer,
-               max_length: int) -> tuple[grain.MapDataset, Callable[[Any], TokenizedExample]]:
-  """This process's slice of `examples` and the function that tokenizes one of them."""
+def tokenize_fn(format_fn: FormatFn, tokenizer: Tokenizer,
+                max_length: int) -> Callable[[Any], TokenizedExample]:
+  """example -> `TokenizedExample`, exactly as the datasets tokenize it."""
+
+  def tokenize(example: Any) -> TokenizedExample:
+    return tokenize_example(format_fn(example), tokenizer, max_length)
+
+  return tokenize
+
+
+def process_slice(examples: Sequence[Any]) -> grain.MapDataset:
+  """This process's slice of `examples`, as a Grain `MapDataset`."""
   if not examples:
     raise DataError("no examples: the dataset split is empty")
   ds = grain.MapDataset.source(list(examples))
@@ -146,48 +165,46 @@ def _tokenized(examples: Sequence[Any], format_fn: FormatFn, tokenizer: Tokenize
   per_process = len(examples) // count
   if per_process == 0:
     raise DataError(f"{len(examples)} examples cannot feed {count} processes")
-  ds = ds[jax.process_index() * per_process:(jax.process_index() + 1) * per_process]
-
-  def tokenize(example: Any) -> TokenizedExample:
-    prompt, completion = format_fn(example)
-    return tokenize_example(prompt, completion, tokenizer, max_length)
-
-  return ds, tokenize
+  return ds[jax.process_index() * per_process:(jax.process_index() + 1) * per_process]
 
 
 def train_dataset(examples: Sequence[Any], format_fn: FormatFn, tokenizer: Tokenizer,
                   cfg: PipelineConfig) -> grain.MapDataset:
   """Shuffled, repeated, tokenized, bucketed training batches (numpy, this process's rows)."""
-  ds, tokenize = _tokenized(examples, format_fn, tokenizer, cfg.max_length)
+  ds = process_slice(examples)
   batch_size = _process_batch_size(cfg.batch_size)
   if len(ds) < batch_size and cfg.num_epochs is not None:
     raise DataError(f"{len(ds)} training examples per process is less than one batch of "
                     f"{batch_size}; lower train.batch_size")
-  pad_id = _pad_id(tokenizer)
+  pad = pad_id(tokenizer)
   buckets = cfg.buckets
   return (ds.shuffle(seed=cfg.seed)
           .repeat(cfg.num_epochs)
-          .map(tokenize)
+          .map(tokenize_fn(format_fn, tokenizer, cfg.max_length))
           .batch(batch_size, drop_remainder=True,
-                 batch_fn=lambda exs: collate(exs, buckets, pad_id)))
+                 batch_fn=lambda exs: collate(exs, buckets, pad)))
 
 
 def eval_dataset(examples: Sequence[Any], format_fn: FormatFn, tokenizer: Tokenizer,
                  cfg: PipelineConfig, max_batches: int | None = None) -> grain.MapDataset:
   """Unshuffled eval batches. The last batch is padded with all-masked rows (zero weight)."""
-  ds, tokenize = _tokenized(examples, format_fn, tokenizer, cfg.max_length)
+  ds = process_slice(examples)
   batch_size = _process_batch_size(cfg.batch_size)
   if max_batches is not None:
     ds = ds[:max_batches * batch_size]
-  pad_id = _pad_id(tokenizer)
+  pad = pad_id(tokenizer)
   buckets = cfg.buckets
 
   def collate_full(exs: Sequence[TokenizedExample]) -> Batch:
-    batch = collate(exs, buckets, pad_id)
+    batch = collate(exs, buckets, pad)
     missing = batch_size - len(exs)
-    return {k: np.pad(v, ((0, missing), (0, 0))) for k, v in batch.items()} if missing else batch
+    if not missing:
+      return batch
+    # Zero rows: no real tokens, no loss, no events. Pads dim 0 of [B, T] and [B] arrays alike.
+    return {k: np.pad(v, [(0, missing)] + [(0, 0)] * (v.ndim - 1)) for k, v in batch.items()}
 
-  return ds.map(tokenize).batch(batch_size, drop_remainder=False, batch_fn=collate_full)
+  return ds.map(tokenize_fn(format_fn, tokenizer, cfg.max_length)).batch(
+      batch_size, drop_remainder=False, batch_fn=collate_full)
 
 
 def make_iterator(ds: grain.MapDataset, prefetch_threads: int = 0) -> grain.DatasetIterator:
@@ -202,9 +219,55 @@ def make_iterator(ds: grain.MapDataset, prefetch_threads: int = 0) -> grain.Data
   return iter(ds.to_iter_dataset(options))
 
 
-def _pad_id(tokenizer: Tokenizer) -> int:
+def pad_id(tokenizer: Tokenizer) -> int:
+  """The padding token: the tokenizer's pad, else its eos (padding is masked out either way)."""
   pad = tokenizer.pad_token_id
   return tokenizer.eos_token_id if pad is None else pad
+
+
+LOSS_MARKER = "----- loss mask starts: the tokens below are trained -----"
+
+
+def format_train_examples(examples: Sequence[TokenizedExample], tokenizer: Tokenizer) -> str:
+  """Human-readable text of tokenized examples, decoded from their tokens.
+
+  Each example is a header line, the decoded prompt, a `LOSS_MARKER` line where the loss
+  mask starts, and the decoded completion (eos included), then a blank line. Special tokens
+  are shown, and what is shown is exactly what is trained on, truncation included. A newline
+  is added before the marker only when the prompt does not end with one. Prompt-only
+  examples (`completion_start == len(tokens)`) have no marker.
+  """
+  out = []
+  for i, ex in enumerate(examples, start=1):
+    tokens = [int(t) for t in ex.tokens]
+    prompt, completion = tokens[:ex.completion_start], tokens[ex.completion_start:]
+    notes = [f"{len(prompt)} prompt tokens"]
+    if completion:
+      notes.append(f"{len(completion)} trained tokens")
+    notes += [name.replace("_", " ") for name in STAT_KEYS if getattr(ex, name)]
+    out.append(f"===== example {i} of {len(examples)} ({', '.join(notes)}) =====\n")
+    text = tokenizer.decode(prompt, skip_special_tokens=False)
+    out.append(text if text.endswith("\n") else text + "\n")
+    if completion:
+      out.append(LOSS_MARKER + "\n")
+      out.append(tokenizer.decode(completion, skip_special_tokens=False) + "\n")
+    out.append("\n")
+  return "".join(out)
+
+
+def format_prompts(prompts: Sequence[Sequence[int]], tokenizer: Tokenizer) -> str:
+  """`format_train_examples` of prompt-only examples (token ids), e.g. GRPO's prompts."""
+  return format_train_examples(
+      [TokenizedExample(np.asarray(ids, np.int32), completion_start=len(ids)) for ids in prompts],
+      tokenizer)
+
+
+def write_train_examples(path: str | Path, examples: Sequence[TokenizedExample],
+                         tokenizer: Tokenizer) -> Path:
+  """Writes `format_train_examples(examples, tokenizer)` to `path` (UTF-8) and returns it."""
+  path = Path(path)
+  path.write_text(format_train_examples(examples, tokenizer), encoding="utf-8")
+  return path
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -215,10 +278,12 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def to_global(batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
   """Assembles this process's rows into global arrays sharded over the mesh's batch axes.
 
-  Only process-local data is touched, so this is also correct with many hosts.
+  Host-only statistics (`STAT_KEYS`) are left out. Only process-local data is touched, so
+  this is also correct with many hosts.
   """
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+  return {k: jax.make_array_from_process_local_data(sharding, v)
+          for k, v in batch.items() if k not in STAT_KEYS}
 
 
 def num_tokens(batch: Batch) -> int:
@@ -227,7 +292,9 @@ def num_tokens(batch: Batch) -> int:
 
 
 __all__ = [
-    "BATCH_KEYS", "Batch", "FormatFn", "PipelineConfig", "TokenizedExample", "batch_sharding",
-    "bucket_lengths", "collate", "eval_dataset", "make_iterator", "num_tokens",
-    "to_global", "tokenize_example", "train_dataset",
+    "BATCH_KEYS", "Batch", "FormatFn", "LOSS_MARKER", "PipelineConfig", "STAT_KEYS",
+    "TokenizedExample", "Tokenizer", "batch_sharding", "bucket_lengths", "collate",
+    "eval_dataset", "format_prompts", "format_train_examples", "make_iterator", "num_tokens",
+    "pad_id", "process_slice", "split_stats", "to_global", "tokenize_example", "tokenize_fn",
+    "train_dataset", "write_train_examples",
 ]

@@ -1,4 +1,4 @@
-"""Natural-language prompts and SFT targets for LLM recommendation.
+"""Natural-language prompts, SFT targets and completion parsing for LLM recommendation.
 
 A prompt is: optional user profile, the interaction history (titles plus
 chosen attributes, oldest first, truncated from the *old* end to a token
@@ -7,40 +7,64 @@ Targets are either the next title(s) directly or a short ``<think>``
 rationale followed by ``<answer>``. Every piece of text comes from a
 :class:`PromptConfig` template so experiments can change wording without
 touching code, and so SFT, GRPO and evaluation render identical prompts.
+
+The completion format is a contract shared with rewards and constrained
+decoding (docs/data.md, "Completion format"): a chat template may already
+open the think block in the prompt (the real DeepSeek-R1-Distill template
+ends the generation prompt with ``<｜Assistant｜><think>\\n``), so the
+completion is the assistant text minus what the prompt already wrote, and
+:func:`parse_completion` reads exactly what generation produces after such a
+prompt.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import re
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 from recllm_jax.data.catalog import Catalog
-from recllm_jax.data.sources import Example
+from recllm_jax.data.schema import Example
+from recllm_jax.data.tokenizer import EOS_TOKEN, PAD_TOKEN, Tokenizer, encode_prompt
 
 __all__ = [
-  "PromptConfig",
-  "build_prompt",
-  "build_target",
-  "build_sft_pair",
-  "build_rationale",
-  "render_history",
-  "count_tokens",
-  "extract_titles",
+  "ANSWER_CLOSE",
+  "ANSWER_OPEN",
+  "EMPTY_THINK",
+  "PARSE_REASONS",
+  "THINK_CLOSE",
+  "THINK_OPEN",
   "TARGET_FORMATS",
+  "ParsedCompletion",
+  "PromptConfig",
+  "SftPair",
+  "build_prompt",
+  "build_rationale",
+  "build_sft_pair",
+  "build_target",
+  "count_tokens",
+  "direct_answer_prefix",
+  "extract_titles",
+  "parse_completion",
+  "prompt_opens_think",
+  "render_history",
 ]
 
 TARGET_FORMATS = ("direct", "cot")
 
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
+ANSWER_OPEN = "<answer>"
+ANSWER_CLOSE = "</answer>"
+# DeepSeek's form of "no reasoning": a direct answer after a prompt that opened a think block.
+EMPTY_THINK = f"{THINK_OPEN}\n\n{THINK_CLOSE}\n\n"
+# What a think-opening generation prompt writes (the real R1 template); `build_target` assumes it.
+_R1_OPENED = f"{THINK_OPEN}\n"
 
-class _Tokenizer(Protocol):  # the subset of a HF tokenizer used here
-  chat_template: Any
-
-  def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
-
-  def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any: ...
+PARSE_REASONS = ("ok", "unclosed_think", "no_answer", "unclosed_answer", "empty_answer")
+# Decoded generations may end with these when special tokens are not skipped.
+_TRAILING_SPECIALS = (EOS_TOKEN, PAD_TOKEN)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +77,18 @@ class PromptConfig:
   ``details_template``: {attributes}; ``attribute_template`` and
   ``profile_field_template``: {name} {value}; ``profile_template``:
   {profile}; ``cot_template``: {rationale} {answer}.
+
+  Assistant texts (titles joined by ``item_delimiter``):
+
+  * ``cot``: ``cot_template``, by default
+    ``"<think>\\n{rationale}\\n</think>\\n\\n<answer>\\n{answer}\\n</answer>"``;
+    it must start with ``"<think>\\n"`` for think-opening prompts.
+  * ``direct``: ``"{titles}"``, or ``"<think>\\n\\n</think>\\n\\n{titles}"``
+    (:data:`EMPTY_THINK`) when the prompt opens a think block.
+
+  Titles follow a newline in every form (and the delimiter is a newline by
+  default), so each title tokenizes exactly as it does in isolation, which is
+  how the constrained decoder's catalog trie tokenizes titles.
   """
 
   instruction: str = "Based on this history, recommend the item the user is most likely to buy next."
@@ -78,7 +114,7 @@ class PromptConfig:
   empty_history: str = "The user has no purchase history yet.\n"
   user_template: str = "{profile}{history}\n{instruction} {answer_format}"
   plain_template: str = "{system}{user}\n\nAnswer: "
-  cot_template: str = "<think>\n{rationale}\n</think>\n<answer>{answer}</answer>"
+  cot_template: str = f"{THINK_OPEN}\n{{rationale}}\n{THINK_CLOSE}\n\n{ANSWER_OPEN}\n{{answer}}\n{ANSWER_CLOSE}"
   rationale_window: int = 10
 
   def __post_init__(self) -> None:
@@ -94,7 +130,40 @@ class PromptConfig:
     object.__setattr__(self, "history_attributes", tuple(self.history_attributes))
 
 
-def count_tokens(text: str, tokenizer: _Tokenizer | None) -> int:
+@dataclasses.dataclass(frozen=True)
+class SftPair:
+  """One SFT example as text: loss is computed on ``completion`` (plus the EOS) only.
+
+  ``history_kept`` of the example's ``history_total`` history items are shown in the prompt
+  (fewer when the history budget cut the oldest ones).
+  """
+
+  prompt: str
+  completion: str
+  history_kept: int = 0
+  history_total: int = 0
+
+  @property
+  def history_truncated(self) -> bool:
+    return self.history_kept < self.history_total
+
+
+@dataclasses.dataclass(frozen=True)
+class ParsedCompletion:
+  """Result of :func:`parse_completion`: the answered titles, and ``reason`` (``"ok"`` or why not).
+
+  ``titles`` is empty unless ``reason == "ok"``.
+  """
+
+  titles: tuple[str, ...]
+  reason: str
+
+  @property
+  def ok(self) -> bool:
+    return self.reason == "ok"
+
+
+def count_tokens(text: str, tokenizer: Tokenizer | None) -> int:
   """Tokens in ``text`` without special tokens; whitespace words when no tokenizer."""
   if tokenizer is None:
     return len(text.split())
@@ -137,22 +206,24 @@ def _render_items(item_ids: Sequence[str], catalog: Catalog, cfg: PromptConfig) 
 
 
 def render_history(
-  example: Example, catalog: Catalog, tokenizer: _Tokenizer | None, cfg: PromptConfig
+  example: Example, catalog: Catalog, tokenizer: Tokenizer | None, cfg: PromptConfig,
+  *, max_tokens: int | None = None,
 ) -> tuple[str, int]:
   """Render the history block; returns ``(text, number of items kept)``.
 
   Keeps the longest suffix (newest items) whose item lines fit in
-  ``cfg.max_history_tokens`` tokens (the header is not counted), found by
-  binary search since the size grows with the number of items. At least
-  the newest item is always kept: a prompt with no history cannot be
-  answered, so one long title may exceed the budget.
+  ``max_tokens`` tokens (default ``cfg.max_history_tokens``; the header is
+  not counted), found by binary search since the size grows with the number
+  of items. At least the newest item is always kept: a prompt with no
+  history cannot be answered, so one long title may exceed the budget.
   """
   history = example.history
   if not history:
     return cfg.empty_history, 0
+  budget = cfg.max_history_tokens if max_tokens is None else max_tokens
 
   def fits(k: int) -> bool:
-    return count_tokens(_render_items(history[-k:], catalog, cfg), tokenizer) <= cfg.max_history_tokens
+    return count_tokens(_render_items(history[-k:], catalog, cfg), tokenizer) <= budget
 
   lo, hi = 1, len(history)  # invariant: lo items are kept (fits or minimum), answer in [lo, hi]
   if fits(hi):  # the common case costs a single tokenizer call
@@ -179,8 +250,11 @@ def _render_profile(profile: Mapping[str, Any] | None, cfg: PromptConfig) -> str
   return cfg.profile_template.format(profile=cfg.profile_field_separator.join(fields)) if fields else ""
 
 
-def _prompt(example: Example, catalog: Catalog, tokenizer: _Tokenizer | None, cfg: PromptConfig) -> tuple[str, int]:
-  history, kept = render_history(example, catalog, tokenizer, cfg)
+def _prompt(
+  example: Example, catalog: Catalog, tokenizer: Tokenizer | None, cfg: PromptConfig,
+  history_tokens: int | None = None,
+) -> tuple[str, int]:
+  history, kept = render_history(example, catalog, tokenizer, cfg, max_tokens=history_tokens)
   answer_format = cfg.cot_answer_format if cfg.target_format == "cot" else cfg.direct_answer_format
   user = cfg.user_template.format(
     profile=_render_profile(example.profile, cfg),
@@ -196,15 +270,26 @@ def _prompt(example: Example, catalog: Catalog, tokenizer: _Tokenizer | None, cf
   return cfg.plain_template.format(system=system, user=user), kept
 
 
-def build_prompt(example: Example, catalog: Catalog, tokenizer: _Tokenizer | None, cfg: PromptConfig) -> str:
+def build_prompt(example: Example, catalog: Catalog, tokenizer: Tokenizer | None, cfg: PromptConfig) -> str:
   """The full prompt text, ending where the model's completion starts.
 
   Uses the tokenizer's chat template (with the generation prompt) when it
   has one and ``cfg.use_chat_template``; otherwise ``cfg.plain_template``.
   The prompt never depends on the targets, so the same text is used for
-  SFT, GRPO rollouts and evaluation.
+  SFT, GRPO rollouts and evaluation. Encode it with
+  :func:`recllm_jax.data.tokenizer.encode_prompt` (exactly one BOS).
   """
   return _prompt(example, catalog, tokenizer, cfg)[0]
+
+
+def prompt_opens_think(prompt: str) -> bool:
+  """Whether ``prompt`` ends (ignoring trailing whitespace) with an unclosed ``<think>``.
+
+  True for the real DeepSeek-R1-Distill generation prompt (``...<｜Assistant｜><think>\\n``),
+  False for the offline BPE's template and the plain template. The completion then starts
+  inside the think block.
+  """
+  return prompt.rstrip().endswith(THINK_OPEN)
 
 
 def build_rationale(
@@ -245,44 +330,152 @@ def build_rationale(
   return "\n".join(lines)
 
 
-def build_target(
-  example: Example, catalog: Catalog, cfg: PromptConfig, *, visible_items: int | None = None
-) -> str:
-  """The completion text (without eos; the data pipeline appends it).
+def direct_answer_prefix(think_open: bool) -> str:
+  """What a ``direct`` completion writes before its first title: ``"\\n</think>\\n\\n"`` after a
+  prompt that opened a think block with ``"<think>\\n"``, else nothing."""
+  return EMPTY_THINK.removeprefix(_R1_OPENED) if think_open else ""
 
-  ``visible_items`` only matters for ``cot`` (see :func:`build_rationale`);
-  :func:`build_sft_pair` passes it automatically.
-  """
+
+def _assistant_text(
+  example: Example, catalog: Catalog, cfg: PromptConfig, visible_items: int | None, think_open: bool
+) -> str:
+  """The whole assistant turn, including any think opening the prompt may already hold."""
   answer = cfg.item_delimiter.join(catalog[item_id].title for item_id in example.targets)
   if cfg.target_format == "direct":
-    return answer
+    return EMPTY_THINK + answer if think_open else answer
   rationale = build_rationale(example, catalog, cfg, visible_items=visible_items)
   return cfg.cot_template.format(rationale=rationale, answer=answer)
 
 
-def build_sft_pair(
-  example: Example, catalog: Catalog, tokenizer: _Tokenizer | None, cfg: PromptConfig
-) -> tuple[str, str]:
-  """``(prompt, completion)``; loss is computed on the completion only."""
-  prompt, kept = _prompt(example, catalog, tokenizer, cfg)
-  return prompt, build_target(example, catalog, cfg, visible_items=kept)
+def _after_prompt(text: str, opened: str) -> str:
+  """``text`` minus ``opened``, the think opening the prompt already wrote."""
+  if not text.startswith(opened):
+    raise ValueError(
+      f"the prompt ends with {opened!r} (it opens a think block), but the target starts with "
+      f"{text[:len(opened) + 20]!r}; cot_template must start with {_R1_OPENED!r}"
+    )
+  return text[len(opened):]
 
 
-_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+def build_target(
+  example: Example, catalog: Catalog, cfg: PromptConfig, *, visible_items: int | None = None,
+  think_open: bool = False,
+) -> str:
+  """The completion text (without eos; the data pipeline appends it).
 
+  With ``think_open`` the prompt is taken to end with ``"<think>\\n"`` (the
+  real R1 generation prompt) and the completion starts inside that block:
 
-def extract_titles(completion: str, cfg: PromptConfig) -> list[str] | None:
-  """Inverse of :func:`build_target`: the answered titles, or ``None`` if malformed.
+  * ``cot``: ``"{rationale}\\n</think>\\n\\n<answer>\\n{titles}\\n</answer>"``
+    (``"<think>\\n"`` prepended without ``think_open``);
+  * ``direct``: ``"\\n</think>\\n\\n{titles}"``, or just ``"{titles}"``
+    without ``think_open``.
 
-  For ``cot`` the answer must appear inside ``<answer>...</answer>`` after a
-  closed ``<think>`` block (a format reward can use ``None``). Titles are
-  split on ``cfg.item_delimiter`` and stripped; empty pieces are dropped.
+  ``visible_items`` only matters for ``cot`` (see :func:`build_rationale`).
+  :func:`build_sft_pair` passes both automatically from the rendered prompt.
   """
-  text = completion
-  if cfg.target_format == "cot":
-    think_end = text.find("</think>")
-    match = _ANSWER_RE.search(text, think_end + len("</think>")) if think_end >= 0 else None
-    if match is None:
-      return None
-    text = match.group(1)
-  return [t.strip() for t in text.split(cfg.item_delimiter) if t.strip()]
+  text = _assistant_text(example, catalog, cfg, visible_items, think_open)
+  return _after_prompt(text, _R1_OPENED) if think_open else text
+
+
+def _sft_pair(
+  example: Example, catalog: Catalog, tokenizer: Tokenizer | None, cfg: PromptConfig,
+  history_tokens: int | None,
+) -> SftPair:
+  prompt, kept = _prompt(example, catalog, tokenizer, cfg, history_tokens)
+  think_open = prompt_opens_think(prompt)
+  text = _assistant_text(example, catalog, cfg, kept, think_open)
+  # Whatever the prompt wrote after its last "<think>" (normally "<think>\n") is not repeated.
+  opened = prompt[prompt.rindex(THINK_OPEN):] if think_open else ""
+  return SftPair(prompt, _after_prompt(text, opened), kept, len(example.history))
+
+
+def build_sft_pair(
+  example: Example, catalog: Catalog, tokenizer: Tokenizer | None, cfg: PromptConfig,
+  *, max_length: int | None = None,
+) -> SftPair:
+  """The prompt and completion of one example; loss is computed on the completion only.
+
+  With ``max_length`` (the pipeline's inputs per sequence, i.e. ``max_length + 1``
+  tokens of prompt, completion and EOS) and a tokenizer, the history is budgeted so the
+  sequence fits: its token budget becomes ``min(cfg.max_history_tokens, what remains of
+  max_length after the rest of the prompt and the completion)``. The BOS, the template
+  header and the instruction are never cut; only old history items are. The completion
+  is recomputed for the items that stay visible (the CoT rationale cites only those).
+  If even the newest item alone does not fit, the pipeline cuts the completion's tail.
+  """
+  pair = _sft_pair(example, catalog, tokenizer, cfg, None)
+  if max_length is None or tokenizer is None:
+    return pair
+  while pair.history_kept > 1:
+    # Tokens of prompt + completion + eos, against the max_length + 1 a sequence may hold.
+    total = len(encode_prompt(tokenizer, pair.prompt)) + count_tokens(pair.completion, tokenizer) + 1
+    over = total - (max_length + 1)
+    if over <= 0:
+      break
+    kept_tokens = count_tokens(_render_items(example.history[-pair.history_kept:], catalog, cfg), tokenizer)
+    # The history shrinks by at least the overshoot. Token counts are not exactly additive
+    # (the rationale changes too), hence the loop; it keeps strictly fewer items every pass.
+    smaller = _sft_pair(example, catalog, tokenizer, cfg, kept_tokens - over)
+    if smaller.history_kept >= pair.history_kept:  # only with non-monotone token counts
+      break
+    pair = smaller
+  return pair
+
+
+def _strip_trailing(text: str) -> str:
+  """``text`` without trailing whitespace and decoded EOS/pad tokens."""
+  while True:
+    stripped = text.rstrip()
+    for special in _TRAILING_SPECIALS:
+      stripped = stripped.removesuffix(special)
+    if stripped == text:
+      return text
+    text = stripped
+
+
+def _titles(text: str, cfg: PromptConfig) -> ParsedCompletion:
+  titles = tuple(t.strip() for t in text.split(cfg.item_delimiter) if t.strip())
+  return ParsedCompletion(titles, "ok") if titles else ParsedCompletion((), "empty_answer")
+
+
+def parse_completion(completion: str, cfg: PromptConfig, *, think_open: bool = False) -> ParsedCompletion:
+  """The titles a completion answers, or why it is malformed (the inverse of :func:`build_target`).
+
+  ``think_open``: the prompt opened a think block (:func:`prompt_opens_think`), so the
+  completion starts inside it. Trailing whitespace and decoded EOS/pad tokens are ignored.
+
+  * A think block is open when ``think_open`` or the completion starts with ``<think>``
+    (ignoring leading whitespace); ``cot`` always requires one. Its first ``</think>``
+    closes it, and everything before that is reasoning. No ``</think>``: ``"unclosed_think"``.
+  * ``cot``: the answer is inside the first ``<answer>...</answer>`` after the think block:
+    ``"no_answer"`` without ``<answer>``, ``"unclosed_answer"`` without ``</answer>``.
+    Text after ``</answer>`` is ignored.
+  * ``direct``: the answer is everything after the think block (or the whole completion).
+
+  Titles are split on ``cfg.item_delimiter`` and stripped; empty pieces are dropped; no
+  title left: ``"empty_answer"``.
+  """
+  text = _strip_trailing(completion)
+  cot = cfg.target_format == "cot"
+  if cot or think_open or text.lstrip().startswith(THINK_OPEN):
+    end = text.find(THINK_CLOSE)
+    if end < 0:
+      return ParsedCompletion((), "unclosed_think")
+    text = text[end + len(THINK_CLOSE):]
+  if not cot:
+    return _titles(text, cfg)
+  start = text.find(ANSWER_OPEN)
+  if start < 0:
+    return ParsedCompletion((), "no_answer")
+  start += len(ANSWER_OPEN)
+  end = text.find(ANSWER_CLOSE, start)
+  if end < 0:
+    return ParsedCompletion((), "unclosed_answer")
+  return _titles(text[start:end], cfg)
+
+
+def extract_titles(completion: str, cfg: PromptConfig, *, think_open: bool = False) -> list[str] | None:
+  """The titles of :func:`parse_completion` as a list, or ``None`` when it is malformed."""
+  parsed = parse_completion(completion, cfg, think_open=think_open)
+  return list(parsed.titles) if parsed.ok else None

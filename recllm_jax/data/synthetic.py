@@ -14,25 +14,47 @@ training loop shows up as better-than-baseline metrics:
 Only the standard library ``random.Random`` is used, whose sequences are
 stable across Python versions and platforms, so the same seed gives
 byte-identical files everywhere.
+
+Generated data is usually cached in a directory (``<workdir>/data``) and
+reused across runs, so the generator records its settings in
+``synthetic.json``; with ``reuse=True`` data made with other settings (or
+by an older generator) is regenerated instead of silently reused.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from recllm_jax.data.sources import CATALOG_FILE, INTERACTIONS_FILE
+from recllm_jax.data.errors import DataError
+from recllm_jax.data.schema import CATALOG_FILE, INTERACTIONS_FILE
 
-__all__ = ["generate_synthetic", "SYNTHETIC_FILES", "META_FILE", "TMP_PREFIX"]
+__all__ = [
+  "GENERATOR_VERSION",
+  "META_FILE",
+  "SYNTHETIC_FILES",
+  "TMP_PREFIX",
+  "ensure_synthetic",
+  "generate_synthetic",
+]
+
+log = logging.getLogger(__name__)
 
 META_FILE = "synthetic.json"
 SYNTHETIC_FILES = (CATALOG_FILE, INTERACTIONS_FILE, META_FILE)
 TMP_PREFIX = ".tmp-"
+# Part of the fingerprint in META_FILE: bump whenever the same settings would
+# produce different files, so cached data from the old generator is replaced.
+GENERATOR_VERSION = 1
+_GENERATOR = "recllm_jax.data.synthetic"
+# Settings that shape the data besides the seed (generate_synthetic's keywords).
+_SIZE_SETTINGS = ("num_items", "num_users", "min_length", "max_length", "profile_fraction")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,6 +264,60 @@ def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
   os.replace(tmp, path)
 
 
+def _read_meta(out: Path) -> dict[str, Any] | None:
+  """The fingerprint of the synthetic data in ``out``; ``None`` when there is none to read.
+
+  Raises when ``out`` holds anything the generator did not write (other
+  files, or a catalog/interactions table without ``synthetic.json``, i.e.
+  a user's own data), so regenerating can never overwrite it.
+  """
+  if not out.is_dir():
+    return None
+  names = {p.name for p in out.iterdir() if not p.name.startswith(TMP_PREFIX)}
+  foreign = sorted(names - set(SYNTHETIC_FILES))
+  if foreign:
+    raise DataError(
+      f"directory holds files the synthetic generator did not write ({', '.join(foreign[:3])}); "
+      "refusing to generate synthetic data into it",
+      path=out,
+    )
+  meta_path = out / META_FILE
+  if META_FILE not in names:
+    if names:
+      raise DataError(
+        f"directory has {' and '.join(sorted(names))} but no {META_FILE}, so it was not written by "
+        "the synthetic generator (or generation was interrupted); refusing to overwrite it. "
+        "Use format 'jsonl' to read it, or delete the directory to regenerate",
+        path=out,
+      )
+    return None
+  try:
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError):
+    meta = None
+  # Unreadable ({}): stale, so regenerated; the directory holds only the generator's files.
+  return meta if isinstance(meta, dict) else {}
+
+
+def _stale_reason(out: Path, existing: dict[str, Any], meta: dict[str, Any]) -> str | None:
+  """Why the data in ``out`` (fingerprint ``existing``) is not the data ``meta`` describes, or ``None``.
+
+  ``synthetic.json`` is written last, so a matching one also means the
+  other files are complete (unless someone deleted them since).
+  """
+  if not existing:
+    return f"unreadable {META_FILE}"
+  changed = [
+    f"{k} {existing.get(k)!r} -> {meta.get(k)!r}"
+    for k in sorted(meta.keys() | existing.keys())
+    if existing.get(k) != meta.get(k)
+  ]
+  if changed:
+    return ", ".join(changed)
+  missing = [name for name in SYNTHETIC_FILES if not (out / name).is_file()]
+  return f"missing {', '.join(missing)}" if missing else None
+
+
 def generate_synthetic(
   out_dir: str | os.PathLike[str],
   *,
@@ -251,14 +327,21 @@ def generate_synthetic(
   min_length: int = 5,
   max_length: int = 16,
   profile_fraction: float = 0.6,
+  reuse: bool = False,
 ) -> Path:
   """Write a synthetic dataset in the JSONL format and return ``out_dir``.
 
   Each user gets one unsplit, time-ordered sequence of ``min_length`` to
   ``max_length`` events (so the reader splits it leave-last-out), with
   timestamps and actions; ``profile_fraction`` of users also get a profile
-  (age band, occupation). ``catalog.jsonl`` is written last so its presence
-  marks a complete dataset.
+  (age band, occupation). ``synthetic.json`` records the generator version
+  and every setting and is written last, so a matching one marks complete,
+  up-to-date data.
+
+  With ``reuse=True`` data already in ``out_dir`` is kept when its
+  ``synthetic.json`` matches these settings, and regenerated (with a
+  warning) otherwise. Either way a directory holding anything the generator
+  did not write raises :class:`DataError` instead of being overwritten.
   """
   if num_items < len(_CATEGORIES):
     raise ValueError(f"num_items must be >= {len(_CATEGORIES)} (one per category), got {num_items}")
@@ -266,7 +349,24 @@ def generate_synthetic(
     raise ValueError(f"num_users must be >= 1, got {num_users}")
   if not 3 <= min_length <= max_length:
     raise ValueError(f"need 3 <= min_length <= max_length, got {min_length}, {max_length}")
+  meta = {
+    "generator": _GENERATOR,
+    "version": GENERATOR_VERSION,
+    "seed": seed,
+    "num_items": num_items,
+    "num_users": num_users,
+    "min_length": min_length,
+    "max_length": max_length,
+    "profile_fraction": profile_fraction,
+  }
   out = Path(out_dir)
+  existing = _read_meta(out)
+  if existing is not None:
+    stale = _stale_reason(out, existing, meta)
+    if stale is None and reuse:
+      return out
+    if stale is not None:
+      log.warning("regenerating synthetic data in %s: %s", out, stale)
   out.mkdir(parents=True, exist_ok=True)
   rng = random.Random(seed)
   model = _SequenceModel()
@@ -300,17 +400,6 @@ def generate_synthetic(
     row["history"] = history
     interactions.append(row)
 
-  meta = {
-    "generator": "recllm_jax.data.synthetic",
-    "seed": seed,
-    "num_items": num_items,
-    "num_users": num_users,
-    "min_length": min_length,
-    "max_length": max_length,
-    "profile_fraction": profile_fraction,
-  }
-  _write_jsonl(out / INTERACTIONS_FILE, interactions)
-  _write_jsonl(out / META_FILE, [meta])
   catalog_rows = [
     {
       "item_id": it.item_id,
@@ -322,5 +411,25 @@ def generate_synthetic(
     }
     for it in items
   ]
+  # META_FILE last: until it matches, readers with reuse=True regenerate rather than read.
+  _write_jsonl(out / INTERACTIONS_FILE, interactions)
   _write_jsonl(out / CATALOG_FILE, catalog_rows)
+  _write_jsonl(out / META_FILE, [meta])
   return out
+
+
+def ensure_synthetic(out_dir: str | os.PathLike[str], *, seed: int = 0) -> Path:
+  """Make ``out_dir`` hold synthetic data for ``seed`` from the current generator; return it.
+
+  This is what ``load_dataset(..., "synthetic")`` uses for cached data such
+  as ``<workdir>/data``. The seed (a run's ``seed``) and :data:`GENERATOR_VERSION` must match the
+  data already there, or it is regenerated with a warning. The other
+  settings (``num_items`` ...) are kept from that data, so a directory made
+  with ``generate_synthetic(dir, num_users=5000)`` stays that size, and are
+  the defaults for a new directory.
+  """
+  existing = _read_meta(Path(out_dir)) or {}
+  sizes = {}
+  if existing.get("generator") == _GENERATOR:
+    sizes = {k: existing[k] for k in _SIZE_SETTINGS if k in existing}
+  return generate_synthetic(out_dir, seed=seed, reuse=True, **sizes)

@@ -9,15 +9,13 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+from recllm_jax.errors import ConfigError
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 # HF keys we read, or know to be harmless. Anything else that changes the math must be
 # rejected explicitly below rather than silently ignored.
 _SUPPORTED_ROPE_TYPES = ("default", None)
-
-
-class ConfigError(ValueError):
-  """An HF config that this implementation cannot represent faithfully."""
 
 
 def dtype_from_name(name: str | Any) -> Any:
@@ -45,7 +43,8 @@ class Qwen2Config:
     num_hidden_layers: number of decoder blocks L.
     num_attention_heads: query heads H.
     num_key_value_heads: key/value heads K (H % K == 0; H // K is the GQA group size).
-    head_dim: per-head width; defaults to hidden_size // num_attention_heads.
+    head_dim: per-head width; None derives it as hidden_size // num_attention_heads, and
+      `replace` derives it again when either of those changes.
     rope_theta: RoPE base frequency.
     rms_norm_eps: epsilon inside every RMSNorm.
     tie_word_embeddings: the LM head reuses the embedding matrix (no `lm_head.weight`).
@@ -80,7 +79,15 @@ class Qwen2Config:
   remat: bool = False
 
   def __post_init__(self):
+    # Not a dataclass field (so not compared, hashed or passed to __init__): whether head_dim
+    # was derived, so that `replace(hidden_size=...)` derives it again instead of keeping a
+    # width that no longer matches.
+    object.__setattr__(self, "_head_dim_derived", self.head_dim is None)
     if self.head_dim is None:
+      if self.hidden_size % self.num_attention_heads:
+        raise ConfigError(
+            f"hidden_size={self.hidden_size} is not a multiple of num_attention_heads="
+            f"{self.num_attention_heads}; set head_dim explicitly")
       object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
     if self.num_attention_heads % self.num_key_value_heads:
       raise ConfigError(
@@ -100,6 +107,13 @@ class Qwen2Config:
     return dtype_from_name(self.param_dtype)
 
   def replace(self, **changes: Any) -> "Qwen2Config":
+    """A copy with `changes`; a derived head_dim is derived again from the new sizes.
+
+    Use this rather than `dataclasses.replace`, which cannot tell a derived head_dim from an
+    explicit one and would keep the old width.
+    """
+    if self._head_dim_derived and "head_dim" not in changes:
+      changes = {**changes, "head_dim": None}
     return dataclasses.replace(self, **changes)
 
   # --- HF interop -------------------------------------------------------------------------

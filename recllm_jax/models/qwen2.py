@@ -268,7 +268,8 @@ class Qwen2ForCausalLM(nnx.Module):
                return_hidden: bool = False):
     """input_ids, attention_mask: [B, T]. Returns fp32 logits [B, T, V], or with
     `return_hidden=True` the final-norm hidden states [B, T, D] (project a subset with
-    `project_logits`, e.g. only the last prompt position, or vocab chunks for log-probs).
+    `project_logits`, e.g. only the last prompt position, or sequence chunks with
+    `output_head()` as `train.logprobs` does, so [B, T, V] never exists).
     With `cache=`, returns `(output, new_cache)`.
     """
     cfg = self.cfg
@@ -308,13 +309,39 @@ class Qwen2ForCausalLM(nnx.Module):
 
   def project_logits(self, x: jax.Array) -> jax.Array:
     """[B, T, D] final hidden states -> fp32 logits [B, T, V]."""
-    rows = x.reshape(-1, x.shape[-1])  # [B*T, D]: a plain matmul, as in `_Proj`
+    return self.output_head()(x)
+
+  def output_head(self) -> "LMHead":
+    """The LM head (tied embedding or `lm_head` kernel) as a pytree, for projecting hidden
+    states outside the model, e.g. chunk by chunk over the sequence (`train.logprobs`)."""
     if self.cfg.tie_word_embeddings:
-      w = self.embed_tokens.embedding[...].astype(x.dtype)
-      logits = jnp.einsum("nd,vd->nv", rows, w, preferred_element_type=jnp.float32)
-    else:
-      w = self.lm_head.kernel[...].astype(x.dtype)
-      logits = jnp.einsum("nd,dv->nv", rows, w, preferred_element_type=jnp.float32)
+      return LMHead(self.embed_tokens.embedding[...], tied=True)
+    return LMHead(self.lm_head.kernel[...], tied=False)
+
+
+@flax.struct.dataclass
+class LMHead:
+  """Hidden states -> fp32 logits, as a plain pytree of the head weight.
+
+  The weight keeps its stored layout (a tied embedding is [V, D], an untied kernel [D, V]): the
+  einsum contracts the right axis, so neither layout is ever transposed into a copy. Being a
+  pytree, it can be an explicit argument of `jax.checkpoint` / `lax.scan` bodies, and
+  gradients w.r.t. it flow back to the model parameter it was read from.
+  """
+
+  weight: jax.Array  # [V, D] if tied else [D, V], the stored (param) dtype
+  tied: bool = flax.struct.field(pytree_node=False)
+
+  @property
+  def vocab_size(self) -> int:
+    return self.weight.shape[0 if self.tied else 1]
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """[B, T, D] hidden states (compute dtype) -> fp32 logits [B, T, V], vocab-sharded."""
+    rows = x.reshape(-1, x.shape[-1])  # [B*T, D]: a plain matmul, as in `_Proj`
+    w = self.weight.astype(x.dtype)
+    spec = "nd,vd->nv" if self.tied else "nd,dv->nv"
+    logits = jnp.einsum(spec, rows, w, preferred_element_type=jnp.float32)  # [B*T, V]
     return shard(logits.reshape(*x.shape[:-1], -1), ("batch", "length", "act_vocab"))
 
 

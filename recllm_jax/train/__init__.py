@@ -1,12 +1,15 @@
-"""Training: the shared loop, optimizer/step, checkpoints and metrics, plus the SFT task.
+"""Training: one loop (`loop.train`) and the tasks it runs by name (`loop.TASKS`).
 
-`recllm_jax.train.loop.train(config)` is the entry point (`scripts/train.py` wraps it). A task
-(`loop.Task`: tokenizer, data iterators and a summed loss) is all a new trainer has to add.
+`scripts/train.py` wraps `recllm_jax.train.loop.train(config)`. A task (`loop.Task`) owns its
+data, its step and its evaluation: `sft.SftTask` (one jitted update per batch) and
+`grpo.GrpoTask` (rollout, host rewards, group advantages, mu updates). The loop owns the mesh,
+model, optimizer, checkpoints, metrics, the NaN guard and signals.
 """
 
-from recllm_jax.train.loop import NonFiniteLossError, Task, train
+from recllm_jax.train.build import load_checkpoint
+from recllm_jax.train.loop import TASKS, NonFiniteLossError, Task, train
 from recllm_jax.train.optim import TrainState, make_optimizer, make_schedule, make_train_step
 from recllm_jax.train.sft import SftTask, sft_loss
 
-__all__ = ["NonFiniteLossError", "SftTask", "Task", "TrainState", "make_optimizer",
-           "make_schedule", "make_train_step", "sft_loss", "train"]
+__all__ = ["NonFiniteLossError", "SftTask", "TASKS", "Task", "TrainState", "load_checkpoint",
+           "make_optimizer", "make_schedule", "make_train_step", "sft_loss", "train"]

@@ -18,19 +18,24 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from recllm_jax.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
 class Checkpointer:
-  """Keeps the last `keep` checkpoints; `save` every `every` steps or when forced."""
+  """Keeps the last `keep` checkpoints; `save` every `every` steps (0: only when forced)."""
 
   def __init__(self, workdir: str | os.PathLike, *, every: int, keep: int,
                async_save: bool = True):
     self.directory = Path(workdir).absolute() / "checkpoints"
+    if every < 0:
+      raise ConfigError(f"train.checkpoint_every={every} must be >= 0 (0 = only the final save)")
+    # Orbax's own interval is 1: `save` below decides, so every=0 saves only when forced.
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=max(every, 1), max_to_keep=keep,
-        enable_async_checkpointing=async_save, create=True)
-    self.every = max(every, 1)
+        save_interval_steps=1, max_to_keep=keep, enable_async_checkpointing=async_save,
+        create=True)
+    self.every = every
     self._manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=("state", "data"))
 
@@ -40,7 +45,8 @@ class Checkpointer:
   def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator,
            force: bool = False) -> bool:
     """Starts an (async) save; returns whether one was started (interval or `force`)."""
-    if not (force or step % self.every == 0) or step in self._manager.all_steps():
+    due = self.every > 0 and step % self.every == 0
+    if not (force or due) or step in self._manager.all_steps():
       return False
     saved = self._manager.save(
         step, args=ocp.args.Composite(

@@ -1,20 +1,25 @@
-"""The train loop shared by every task (SFT now, GRPO later).
+"""The one train loop, shared by every task (SFT, GRPO).
 
-A task supplies the tokenizer, the data and a loss (`Task`); this module supplies the rest:
-model, optimizer, jitted step, checkpoints, metrics, resume and safety stops.
+A task owns its step (`Task`): SFT runs one jitted update on a batch; GRPO samples a rollout,
+scores it on the host and runs mu updates. The loop owns everything else, once:
 
-    state = restore-or-init
+    config checks -> mesh -> task (data, tokenizer) -> model -> optimizer -> train state
+    restore-or-init (params, optimizer, RNG, data iterator)
     for step in steps:
-      batch = next(data)                       # grain, host numpy
-      state, metrics = train_step(state, batch)  # jit, donated state
-      check finite -> log -> eval -> checkpoint
+      batch = next(data)                          # Grain, host numpy
+      state, metrics, work = task.step(state, batch)
+      NaN guard -> log (tokens/s, MFU) -> task.evaluate -> checkpoint
+    save on exit (also on SIGTERM / SIGINT, at a step boundary)
 
-Re-running the same command resumes from the latest checkpoint in `config.workdir`.
+Tasks are chosen by name (`config.task`) from `TASKS`. Re-running the same command resumes
+from the latest checkpoint in `config.workdir`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import importlib
 import logging
 import math
 import signal
@@ -25,96 +30,87 @@ from typing import Any, Protocol
 import grain
 import jax
 import ml_collections
+import optax
 from flax import nnx
 
 from recllm_jax import sharding
 from recllm_jax.data import pipeline
-from recllm_jax.models import PRESETS, Qwen2ForCausalLM
+from recllm_jax.errors import ConfigError, UserError
 from recllm_jax.models.config import Qwen2Config
-from recllm_jax.train import checkpoint, metrics as metrics_lib, optim
+from recllm_jax.train import build, checkpoint, checks, metrics as metrics_lib, optim
 
 log = logging.getLogger(__name__)
 
-DEEPSEEK_URL = "https://huggingface.co/deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
-# Architecture keys a config may override on top of `model.preset` (0 = keep the preset's).
-ARCH_OVERRIDES = ("hidden_size", "intermediate_size", "num_hidden_layers",
-                  "num_attention_heads", "num_key_value_heads")
+# config.task -> "module:class" of its `Task` (imported on use: a task's heavy imports stay out
+# of the others' runs).
+TASKS = {"sft": "recllm_jax.train.sft:SftTask", "grpo": "recllm_jax.train.grpo:GrpoTask"}
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
   """Training produced a NaN/inf loss or gradient; the state is not saved."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Work:
+  """What a step did, for tokens/s and MFU: trained tokens and model FLOPs (all processes)."""
+
+  tokens: int
+  flops: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """What the loop built, handed to `Task.setup` before the first step.
+
+  graphdef: the model's NNX graph (`nnx.merge(graphdef, state.params)` gives the model).
+  optimizer, schedule: the optax transformation and its LR schedule (over optimizer updates).
+  state_sharding: the train state's layout; jitted updates pin their outputs to it.
+  initial_params: the params before training or restore (e.g. GRPO's frozen reference).
+  """
+
+  graphdef: nnx.GraphDef
+  optimizer: optax.GradientTransformation
+  schedule: optax.Schedule
+  state_sharding: Any
+  mesh: jax.sharding.Mesh
+  model_cfg: Qwen2Config
+  writer: metrics_lib.MetricsWriter
+  initial_params: nnx.State
+  workdir: Path
+
+  @property
+  def vocab_size(self) -> int:
+    return self.model_cfg.vocab_size
+
+
 class Task(Protocol):
-  """What a trainer provides to the loop."""
+  """What a trainer plugs into the loop.
+
+  `updates_per_step` optimizer updates happen per loop step (the LR schedule counts updates).
+  `step` returns the new state, its metrics (at least `loss` and `grad_norm`, for the NaN
+  guard) and its `Work`; `evaluate` returns held-out metrics (empty without held-out data).
+  """
 
   name: str
   tokenizer: Any  # a `transformers` tokenizer; the model's vocabulary must cover it
-  loss_fn: optim.LossFn
+  updates_per_step: int
 
   def train_iterator(self) -> grain.DatasetIterator: ...
 
-  def eval_batches(self) -> Iterator[pipeline.Batch]: ...
+  def setup(self, run: Run) -> None: ...
+
+  def step(self, state: optim.TrainState,
+           batch: pipeline.Batch) -> tuple[optim.TrainState, dict[str, Any], Work]: ...
+
+  def evaluate(self, state: optim.TrainState) -> dict[str, float]: ...
 
 
 def make_task(config: ml_collections.ConfigDict, workdir: Path) -> Task:
-  if config.task == "sft":
-    from recllm_jax.train.sft import SftTask
-    return SftTask(config, workdir)
-  raise ValueError(f"unknown task {config.task!r}; expected 'sft'")
-
-
-def uses_pretrained(model_cfg: ml_collections.ConfigDict) -> bool:
-  """`model.hf_path` set, or `model.preset='hf'` (which requires it): load HF weights."""
-  return bool(model_cfg.hf_path) or model_cfg.preset == "hf"
-
-
-def check_model_path(model_cfg: ml_collections.ConfigDict) -> None:
-  """Fails early (before loading data) when the pretrained weights are not on disk."""
-  if not uses_pretrained(model_cfg):
-    return
-  path = model_cfg.hf_path
-  if not path or not Path(path).joinpath("config.json").exists():
-    where = f"model.hf_path={path!r} does not exist" if path else "model.hf_path is empty"
-    raise FileNotFoundError(
-        f"{where}. This preset fine-tunes pretrained weights, which must be downloaded first "
-        f"({DEEPSEEK_URL}):\n"
-        "  huggingface-cli download deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B "
-        "--local-dir /path/to/DeepSeek-R1-Distill-Qwen-1.5B\n"
-        "then pass --config.model.hf_path=/path/to/DeepSeek-R1-Distill-Qwen-1.5B")
-
-
-def model_config(model_cfg: ml_collections.ConfigDict, vocab_size: int,
-                 **token_ids: int | None) -> Qwen2Config:
-  """The random-init architecture: `model.preset` + overrides, vocab matched to the tokenizer.
-
-  `token_ids` (bos/eos/pad_token_id) are recorded so an exported checkpoint generates and
-  stops like the tokenizer expects.
-  """
-  if model_cfg.preset not in PRESETS:
-    raise ValueError(f"unknown model.preset {model_cfg.preset!r}; expected 'hf' or one of "
-                     f"{sorted(PRESETS)}")
-  overrides = {k: model_cfg[k] for k in ARCH_OVERRIDES if model_cfg.get(k)}
-  return PRESETS[model_cfg.preset](
-      vocab_size=vocab_size, param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype,
-      remat=model_cfg.remat, **overrides, **token_ids)
-
-
-def build_model(model_cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, tokenizer: Any,
-                seed: int) -> Qwen2ForCausalLM:
-  """Pretrained weights from `model.hf_path`, or a random init created directly sharded."""
-  vocab_size = len(tokenizer)
-  if uses_pretrained(model_cfg):
-    from recllm_jax.hf_io import load_hf_model
-    model = load_hf_model(model_cfg.hf_path, dtype=model_cfg.param_dtype, mesh=mesh,
-                          compute_dtype=model_cfg.dtype, remat=model_cfg.remat)
-    if model.cfg.vocab_size < vocab_size:
-      raise ValueError(f"tokenizer has {vocab_size} tokens but the model only "
-                       f"{model.cfg.vocab_size} embeddings")
-    return model
-  cfg = model_config(model_cfg, vocab_size, bos_token_id=tokenizer.bos_token_id,
-                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-  return sharding.create_sharded(lambda: Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(seed)), mesh)
+  """The `Task` registered as `config.task` in `TASKS`."""
+  if config.task not in TASKS:
+    raise ConfigError(f"task={config.task!r} is not a known task; expected one of {sorted(TASKS)}")
+  module, _, name = TASKS[config.task].partition(":")
+  return getattr(importlib.import_module(module), name)(config, workdir)
 
 
 @contextlib.contextmanager
@@ -140,16 +136,6 @@ def stop_requested() -> Iterator[list[int]]:
       signal.signal(s, h)
 
 
-def evaluate(eval_step, params: nnx.State, batches: Iterator[pipeline.Batch],
-             mesh: jax.sharding.Mesh) -> float | None:
-  """Token-weighted mean loss over the validation batches (None without validation data)."""
-  total, weight = 0.0, 0.0
-  for batch in batches:
-    loss_sum, w = jax.device_get(eval_step(params, pipeline.to_global(batch, mesh)))
-    total, weight = total + float(loss_sum), weight + float(w)
-  return total / weight if weight else None
-
-
 def _non_finite(step: int, metrics: dict[str, Any], last_saved: int | None) -> str | None:
   """An error message if the loss or gradient norm is NaN/inf, else None."""
   bad = [k for k in ("loss", "grad_norm") if not math.isfinite(float(metrics[k]))]
@@ -162,44 +148,49 @@ def _non_finite(step: int, metrics: dict[str, Any], last_saved: int | None) -> s
 
 def save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
   if jax.process_index() == 0:
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+    (workdir / build.CONFIG_FILE).write_text(
+        config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """Runs (or resumes) training as configured; returns the last logged metrics row."""
+  """Runs (or resumes) training as configured; returns the last logged metrics row.
+
+  `train.log_every`, `eval_every` and `checkpoint_every` of 0 mean never (the final save on
+  exit still happens); with `log_every=0` the returned row is empty.
+  """
+  config = checks.expand_paths(config)
+  mesh = checks.check_config(config)
   workdir = Path(config.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  check_model_path(config.model)
   save_config(config, workdir)
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   tc = config.train
   # Measured before any data or checkpoint threads start competing for the CPU.
   peak, peak_source = metrics_lib.peak_flops_per_device(tc.peak_flops)
 
   task = make_task(config, workdir)
-  model = build_model(config.model, mesh, task.tokenizer, config.seed)
+  model = build.build_model(config, mesh, task.tokenizer)
   model_cfg = model.cfg
-  schedule = optim.make_schedule(tc.lr, tc.num_steps, tc.warmup_steps, tc.min_lr_ratio)
+  num_updates = tc.num_steps * task.updates_per_step
+  schedule = optim.make_schedule(tc.lr, num_updates, tc.warmup_steps, tc.min_lr_ratio)
   optimizer = optim.make_optimizer(schedule, weight_decay=tc.weight_decay,
                                    max_grad_norm=tc.max_grad_norm, b1=tc.b1, b2=tc.b2)
   graphdef, state = optim.init_train_state(model, optimizer, config.seed)
   del model  # the train state owns the parameters from here on
-  train_step = optim.make_train_step(graphdef, optimizer, task.loss_fn, schedule,
-                                     tc.grad_accum_steps, optim.state_shardings(state))
-  eval_step = optim.make_eval_step(graphdef, task.loss_fn)
 
   data = task.train_iterator()
   ckpt = checkpoint.Checkpointer(workdir, every=tc.checkpoint_every, keep=tc.keep_checkpoints,
                                  async_save=tc.async_checkpoint)
   start = ckpt.latest_step() or 0
+  writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
+  task.setup(Run(graphdef=graphdef, optimizer=optimizer, schedule=schedule,
+                 state_sharding=sharding.shardings_of(state), mesh=mesh, model_cfg=model_cfg,
+                 writer=writer, initial_params=state.params, workdir=workdir))
   if start:
     state = ckpt.restore(start, state, data)
   last_saved = start or None
-  writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
-  log.info("model: %s; %d params; peak %.3g FLOP/s per device (%s)", model_cfg,
-           sum(x.size for x in jax.tree.leaves(state.params)), peak, peak_source)
-  throughput = metrics_lib.Throughput(lambda t: metrics_lib.flops_per_token(model_cfg, t),
-                                      peak * jax.device_count())
+  log.info("task %s; model: %s; %d params; peak %.3g FLOP/s per device (%s)", task.name,
+           model_cfg, sum(x.size for x in jax.tree.leaves(state.params)), peak, peak_source)
+  throughput = metrics_lib.Throughput(peak * jax.device_count())
   bar = metrics_lib.progress_bar(tc.num_steps, start)
   row: dict[str, Any] = {}
   step, consistent, healthy = start, True, True
@@ -208,23 +199,22 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
       while step < tc.num_steps and not stop:
         batch = next(data)
         consistent = False  # data advanced, state not yet
-        state, m = train_step(state, pipeline.to_global(batch, mesh))
-        m = jax.device_get(m)
+        state, m, work = task.step(state, batch)
         step += 1
         consistent = True
-        throughput.add(pipeline.num_tokens(batch) * jax.process_count(),
-                       batch["input_ids"].shape[1])
+        throughput.add(work.tokens, work.flops)
         error = _non_finite(step, m, last_saved)
         if error:
           healthy = False  # the state is poisoned: keep the last checkpoint instead
           raise NonFiniteLossError(error)
-        if step % tc.log_every == 0 or step == tc.num_steps:
+        last = step == tc.num_steps
+        if checks.is_due(step, tc.log_every) or (tc.log_every and last):
           row = writer.write(step, {**m, **throughput.update()})
-          bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_sec']:.0f}")
-        if tc.eval_every and (step % tc.eval_every == 0 or step == tc.num_steps):
-          val_loss = evaluate(eval_step, state.params, task.eval_batches(), mesh)
-          if val_loss is not None:
-            writer.write(step, {"val_loss": val_loss})
+          bar.set_postfix(metrics_lib.progress_fields(row))
+        if checks.is_due(step, tc.eval_every) or (tc.eval_every and last):
+          held_out = task.evaluate(state)
+          if held_out:
+            writer.write(step, held_out)
         if ckpt.save(step, state, data):
           last_saved = step
         bar.update(1)
@@ -237,5 +227,5 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return row
 
 
-__all__ = ["NonFiniteLossError", "Task", "build_model", "check_model_path", "evaluate",
-           "make_task", "model_config", "stop_requested", "train"]
+__all__ = ["NonFiniteLossError", "Run", "TASKS", "Task", "Work", "make_task", "save_config",
+           "stop_requested", "train"]

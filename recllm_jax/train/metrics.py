@@ -79,18 +79,21 @@ def peak_flops_per_device(configured: float = 0.0, dtype: Any = jnp.bfloat16) ->
 
 
 class Throughput:
-  """Tokens/s and MFU over the interval between two `update` calls."""
+  """Tokens/s and MFU over the interval between two `update` calls.
 
-  def __init__(self, flops_per_token_fn, peak_flops_total: float):
-    self._flops_fn = flops_per_token_fn
+  Tasks report the work of each step (`add(tokens, flops)`): SFT counts `flops_per_token` per
+  trained token; GRPO adds its rollout and extra forward passes (see `GrpoTask`).
+  """
+
+  def __init__(self, peak_flops_total: float):
     self._peak = peak_flops_total
     self._tokens = 0
     self._flops = 0.0
     self._start = time.perf_counter()
 
-  def add(self, tokens: int, seq_len: int) -> None:
+  def add(self, tokens: int, flops: float) -> None:
     self._tokens += tokens
-    self._flops += tokens * self._flops_fn(seq_len)
+    self._flops += flops
 
   def update(self) -> dict[str, float]:
     now = time.perf_counter()
@@ -99,6 +102,16 @@ class Throughput:
            "mfu": self._flops / dt / self._peak if self._peak else 0.0}
     self._tokens, self._flops, self._start = 0, 0.0, now
     return out
+
+
+def progress_fields(row: Mapping[str, Any]) -> dict[str, str]:
+  """The progress bar's short summary of a logged row (loss or reward, tokens/s)."""
+  fields = {"loss": f"{row['loss']:.4f}"} if "loss" in row else {}
+  if "reward" in row:
+    fields["reward"] = f"{row['reward']:.3f}"
+  if "tokens_per_sec" in row:
+    fields["tok_s"] = f"{row['tokens_per_sec']:.0f}"
+  return fields
 
 
 def _scalar(v: Any) -> float | int:
@@ -145,6 +158,11 @@ class MetricsWriter:
             self._tb.add_scalar(k, v, step)
     return row
 
+  def write_text(self, tag: str, text: str, step: int) -> None:
+    """A text entry in TensorBoard (e.g. GRPO's sampled completions)."""
+    if self.active and self._tb is not None:
+      self._tb.add_text(tag, text, step)
+
   def close(self) -> None:
     if self.active:
       self._file.close()
@@ -160,4 +178,4 @@ def progress_bar(total: int, initial: int):
 
 
 __all__ = ["MetricsWriter", "PEAK_FLOPS_BF16", "Throughput", "flops_per_token", "matmul_params",
-           "measure_matmul_flops", "peak_flops_per_device", "progress_bar"]
+           "measure_matmul_flops", "peak_flops_per_device", "progress_bar", "progress_fields"]

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from recllm_jax.sharding import shard
+
 # (model, batch, rng) -> (loss_sum, weight, aux sums). Aux values are summed over micro-batches
 # and divided by the total weight too, so they report per-weight means.
 LossFn = Callable[[nnx.Module, Mapping[str, jax.Array], jax.Array],
@@ -65,7 +67,8 @@ def make_optimizer(schedule: optax.Schedule, *, weight_decay: float, max_grad_no
   return optax.chain(*parts)
 
 
-def _state_shardings(abstract_state: TrainState, params: nnx.State) -> TrainState | None:
+def _shardings_following_params(abstract_state: TrainState,
+                                params: nnx.State) -> TrainState | None:
   """Shardings for the train state: optimizer moments follow their parameter, scalars replicate.
 
   `optimizer.init` builds moments with `zeros_like`, which XLA would otherwise leave
@@ -100,20 +103,28 @@ def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation,
     return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p),
                       rng=jax.random.key_data(jax.random.key(seed)))
 
-  shardings = _state_shardings(jax.eval_shape(init, params), params)
+  shardings = _shardings_following_params(jax.eval_shape(init, params), params)
   return graphdef, jax.jit(init, out_shardings=shardings)(params)
 
 
-def state_shardings(state: TrainState) -> TrainState:
-  """The shardings of a concrete train state (to pin the step's outputs to them)."""
-  return jax.tree.map(lambda x: x.sharding, state)
-
-
 def _split_micro(batch: Mapping[str, jax.Array], n: int) -> dict[str, jax.Array]:
+  """[B, ...] rows -> [n, B/n, ...] micro-batches, micro-batch i = rows i, i+n, i+2n, ...
+
+  The batch arrives sharded in contiguous row blocks over the batch mesh axes (data x fsdp).
+  Contiguous micro-batches (rows i*B/n ...) would each live on a 1/n slice of those devices
+  (or be replicated by XLA). The strided split takes B/(n*devices) rows of every device's
+  block for every micro-batch, so each one spans all batch devices with no data movement;
+  the constraint keeps the B/n axis sharded that way. Gradient sums do not depend on which
+  rows share a micro-batch.
+  """
+
   def split(x):
     if x.shape[0] % n:
       raise ValueError(f"batch of {x.shape[0]} rows is not divisible into {n} micro-batches")
-    return x.reshape(n, x.shape[0] // n, *x.shape[1:])
+    x = x.reshape(x.shape[0] // n, n, *x.shape[1:])  # [B/n, n, ...]: row r*n + i -> (r, i)
+    x = jnp.swapaxes(x, 0, 1)  # [n, B/n, ...]
+    return shard(x, (None, "batch") + (None,) * (x.ndim - 2))
+
   return {k: split(v) for k, v in batch.items()}
 
 
@@ -149,8 +160,9 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
                     state_sharding: TrainState | None = None) -> StepFn:
   """`state, batch -> state, metrics`, jitted with the state donated.
 
-  `state_sharding` (from `state_shardings(initial_state)`) pins the output state to the input
-  layout, so step 2 never recompiles for a layout XLA picked in step 1.
+  `state_sharding` (`sharding.shardings_of(initial_state)`) pins the output state to the input
+  layout, so step 2 never recompiles for a layout XLA picked in step 1. `grad_accum_steps`
+  micro-batches are strided row subsets (see `_split_micro`), each spanning all batch devices.
 
   metrics: `loss` (sum/weight over the whole batch), `grad_norm` (before clipping),
   `learning_rate` (used by this update), `weight` and every aux mean.
@@ -190,4 +202,4 @@ def make_eval_step(graphdef: nnx.GraphDef, loss_fn: LossFn
 
 
 __all__ = ["LossFn", "StepFn", "TrainState", "init_train_state", "make_eval_step",
-           "make_optimizer", "make_schedule", "make_train_step", "state_shardings"]
+           "make_optimizer", "make_schedule", "make_train_step"]

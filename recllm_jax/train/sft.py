@@ -8,9 +8,10 @@ each micro-batch's mean getting the same weight.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,23 +22,28 @@ import ml_collections
 
 from recllm_jax.data import pipeline
 from recllm_jax.data.errors import DataError
+from recllm_jax.train import build, optim
+from recllm_jax.train.logprobs import (DEFAULT_CHUNK_SIZE, model_token_logprobs,
+                                       token_logprobs)
 
 log = logging.getLogger(__name__)
 
 
 def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """[B, T, V] logits, [B, T] int targets -> [B, T] -log p(target), computed in fp32."""
-  logits = logits.astype(jnp.float32)
-  log_z = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  return log_z - target_logit
+  return -token_logprobs(logits, targets)
+
+
+def _masked_terms(token_loss: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """[B, T] per-token loss -> (sum over unmasked tokens, number of unmasked tokens)."""
+  mask = loss_mask.astype(jnp.float32)
+  return jnp.sum(token_loss * mask), jnp.sum(mask)
 
 
 def sft_loss_terms(logits: jax.Array, targets: jax.Array,
                    loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(sum of masked token CE, number of unmasked tokens)."""
-  mask = loss_mask.astype(jnp.float32)
-  return jnp.sum(token_cross_entropy(logits, targets) * mask), jnp.sum(mask)
+  """(sum of masked token CE, number of unmasked tokens), from full [B, T, V] logits."""
+  return _masked_terms(token_cross_entropy(logits, targets), loss_mask)
 
 
 def sft_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> jax.Array:
@@ -46,39 +52,23 @@ def sft_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> jax
   return total / jnp.maximum(count, 1.0)
 
 
-def sft_loss_fn(model: Any, batch: Mapping[str, jax.Array],
-                rng: jax.Array) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
-  """`optim.LossFn` for SFT batches (see `recllm_jax.data.pipeline` for the layout)."""
+def sft_loss_fn(model: Any, batch: Mapping[str, jax.Array], rng: jax.Array, *,
+                logits_chunk_size: int = DEFAULT_CHUNK_SIZE
+                ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+  """`optim.LossFn` for SFT batches (see `recllm_jax.data.pipeline` for the layout).
+
+  The logits are computed `logits_chunk_size` sequence positions at a time
+  (`train.logits_chunk_size`; see `train.logprobs`), so the [B, T, V] logits never exist;
+  0 computes them all at once.
+  """
   del rng  # SFT is deterministic.
-  logits = model(batch["input_ids"], batch["attention_mask"])
-  total, count = sft_loss_terms(logits, batch["targets"], batch["loss_mask"])
+  logp = model_token_logprobs(model, batch["input_ids"], batch["attention_mask"],
+                              batch["targets"], chunk_size=logits_chunk_size)  # [B, T]
+  total, count = _masked_terms(-logp, batch["loss_mask"])
   return total, count, {}
 
 
 # --- the task --------------------------------------------------------------------------------
-
-
-def _load_tokenizer(config: ml_collections.ConfigDict, workdir: Path, catalog: Any):
-  """The HF checkpoint's tokenizer, an explicit one, or a BPE trained on the catalog texts.
-
-  A trained tokenizer is saved in the workdir and reloaded on resume, so token ids never change
-  under a checkpoint.
-  """
-  import transformers  # heavy; only needed here
-
-  path = config.model.get("tokenizer_path") or config.model.hf_path
-  if path:
-    return transformers.AutoTokenizer.from_pretrained(path)
-  local = workdir / "tokenizer"
-  if (local / "tokenizer.json").exists():
-    return transformers.AutoTokenizer.from_pretrained(local)
-  from recllm_jax.data.tokenizer import train_bpe_tokenizer
-
-  texts = [item.title for item in catalog] + [
-      str(v) for item in catalog for v in item.attributes.values() if isinstance(v, str)]
-  log.info("training a %d-token BPE tokenizer on %d catalog texts -> %s",
-           config.model.tokenizer_vocab_size, len(texts), local)
-  return train_bpe_tokenizer(texts, local, vocab_size=config.model.tokenizer_vocab_size)
 
 
 def data_dir(config: ml_collections.ConfigDict, workdir: Path) -> Path:
@@ -90,8 +80,24 @@ def data_dir(config: ml_collections.ConfigDict, workdir: Path) -> Path:
   raise DataError(f"data.dir is empty; set --config.data.dir (format={config.data.format!r})")
 
 
+TRAIN_EXAMPLES_FILE = "train_examples.txt"
+
+
+def tokenizer_texts(examples: Sequence[Any], catalog: Any, prompt_cfg: Any,
+                    count: int = 256) -> list[str]:
+  """Prompt and completion texts of the first `count` examples (plain template), for training
+  a tokenizer that knows the prompt wording, not only the catalog."""
+  from recllm_jax.data.prompts import build_sft_pair
+
+  pairs = [build_sft_pair(ex, catalog, None, prompt_cfg) for ex in examples[:count]]
+  return [t for pair in pairs for t in (pair.prompt, pair.completion)]
+
+
 class SftTask:
-  """Tokenizer, data pipelines and loss for SFT; the train loop does the rest.
+  """Tokenizer, data pipelines, loss and step for SFT (`loop.Task`); the loop does the rest.
+
+  On start-up, process 0 writes `<workdir>/train_examples.txt`: the first training examples
+  exactly as tokenized (prompt, loss-mask boundary, completion), to check the format by eye.
 
   Attributes:
     tokenizer: a `transformers` tokenizer (prompt chat template + eos/pad tokens).
@@ -100,26 +106,41 @@ class SftTask:
   """
 
   name = "sft"
-  loss_fn = staticmethod(sft_loss_fn)
+  updates_per_step = 1
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str | os.PathLike):
     from recllm_jax.data.prompts import PromptConfig, build_sft_pair
-    from recllm_jax.data.sources import load_dataset
+    from recllm_jax.data.loading import load_dataset
 
     workdir = Path(workdir)
     self.config = config
+    self.loss_fn = functools.partial(sft_loss_fn,
+                                     logits_chunk_size=config.train.logits_chunk_size)
     self.dataset = load_dataset(data_dir(config, workdir), config.data.format,
                                 on_bad_data=config.data.on_bad_data, seed=config.seed)
     if self.dataset.skipped:
       log.warning("skipped %d bad data rows (data.on_bad_data='skip')", self.dataset.skipped)
-    self.tokenizer = _load_tokenizer(config, workdir, self.dataset.catalog)
     prompt_cfg = PromptConfig(**config.data.prompt.to_dict())
+    self.tokenizer = build.load_tokenizer(
+        config, workdir, self.dataset.catalog,
+        extra_texts=tokenizer_texts(self.dataset.train, self.dataset.catalog, prompt_cfg))
     catalog, tokenizer = self.dataset.catalog, self.tokenizer
-    self._format = lambda ex: build_sft_pair(ex, catalog, tokenizer, prompt_cfg)
+    max_length = config.data.max_length
+    # The history is budgeted so prompt + completion + eos fit max_length (nothing else is cut).
+    self._format = lambda ex: build_sft_pair(ex, catalog, tokenizer, prompt_cfg,
+                                             max_length=max_length)
     self.pipeline_config = pipeline.PipelineConfig(
-        batch_size=config.train.batch_size, max_length=config.data.max_length,
+        batch_size=config.train.batch_size, max_length=max_length,
         num_buckets=config.data.num_buckets, seed=config.seed,
         prefetch_threads=config.data.prefetch_threads)
+    if jax.process_index() == 0:
+      self.write_train_examples(workdir / TRAIN_EXAMPLES_FILE)
+
+  def write_train_examples(self, path: Path, count: int = 8) -> Path:
+    """The first `count` training examples as trained on (tokens decoded, loss start marked)."""
+    tokenize = pipeline.tokenize_fn(self._format, self.tokenizer, self.pipeline_config.max_length)
+    examples = [tokenize(ex) for ex in self.dataset.train[:count]]
+    return pipeline.write_train_examples(path, examples, self.tokenizer)
 
   def train_iterator(self) -> grain.DatasetIterator:
     ds = pipeline.train_dataset(self.dataset.train, self._format, self.tokenizer,
@@ -133,6 +154,34 @@ class SftTask:
     return iter(pipeline.eval_dataset(self.dataset.valid, self._format, self.tokenizer,
                                       self.pipeline_config, self.config.train.eval_batches))
 
+  def setup(self, run: Any) -> None:
+    """Jits the update (state donated, layout pinned) and the validation loss."""
+    self.run = run
+    self._update = optim.make_train_step(run.graphdef, run.optimizer, self.loss_fn, run.schedule,
+                                         self.config.train.grad_accum_steps, run.state_sharding)
+    self._eval_step = optim.make_eval_step(run.graphdef, self.loss_fn)
 
-__all__ = ["SftTask", "data_dir", "sft_loss", "sft_loss_fn", "sft_loss_terms",
+  def step(self, state: optim.TrainState, batch: pipeline.Batch):
+    """One update on `batch`; logs the rows whose history was budgeted or whose EOS was cut."""
+    from recllm_jax.train import metrics as metrics_lib
+    from recllm_jax.train.loop import Work
+
+    batch, stats = pipeline.split_stats(batch)
+    state, m = self._update(state, pipeline.to_global(batch, self.run.mesh))
+    tokens = pipeline.num_tokens(batch) * jax.process_count()
+    flops = tokens * metrics_lib.flops_per_token(self.run.model_cfg, batch["input_ids"].shape[1])
+    return state, {**jax.device_get(m), **stats}, Work(tokens=tokens, flops=flops)
+
+  def evaluate(self, state: optim.TrainState) -> dict[str, float]:
+    """`val_loss`: the token-weighted mean loss over the validation batches."""
+    total, weight = 0.0, 0.0
+    for batch in self.eval_batches():
+      batch, _ = pipeline.split_stats(batch)
+      loss_sum, w = jax.device_get(self._eval_step(state.params,
+                                                   pipeline.to_global(batch, self.run.mesh)))
+      total, weight = total + float(loss_sum), weight + float(w)
+    return {"val_loss": total / weight} if weight else {}
+
+
+__all__ = ["SftTask", "TRAIN_EXAMPLES_FILE", "data_dir", "sft_loss", "sft_loss_fn", "sft_loss_terms",
            "token_cross_entropy"]

@@ -32,7 +32,7 @@ def trained_tokenizer(tmp_path_factory, synthetic_dir):
   """A small BPE trained on the synthetic catalog (and reloaded, as users would)."""
   import transformers
 
-  from recllm_jax.data.sources import read_jsonl
+  from recllm_jax.data.jsonl import read_jsonl
   from recllm_jax.data.tokenizer import train_bpe_tokenizer
 
   catalog = read_jsonl(synthetic_dir).catalog

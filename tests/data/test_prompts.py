@@ -1,4 +1,5 @@
-"""Prompt and target rendering: exact text, truncation, chat vs plain, direct vs CoT."""
+"""Prompt and target rendering and completion parsing: exact text, truncation, chat vs plain,
+direct vs CoT, the offline BPE's template and the real DeepSeek-R1-Distill one (think-opening)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,16 @@ from recllm_jax.data import (
   extract_titles,
   render_history,
 )
-from recllm_jax.data.tokenizer import ASSISTANT_TOKEN, BOS_TOKEN, USER_TOKEN
+from recllm_jax.data.prompts import (
+  EMPTY_THINK,
+  PARSE_REASONS,
+  ParsedCompletion,
+  SftPair,
+  direct_answer_prefix,
+  parse_completion,
+  prompt_opens_think,
+)
+from recllm_jax.data.tokenizer import ASSISTANT_TOKEN, BOS_TOKEN, EOS_TOKEN, USER_TOKEN, encode_prompt
 
 from sample_data import CATALOG_ROWS
 
@@ -112,6 +122,8 @@ def test_truncation_with_tokenizer_is_tight(trained_tokenizer):
 
 def test_direct_targets():
   assert build_target(EXAMPLE, CATALOG, CFG) == "Orbit Staples"
+  assert build_target(EXAMPLE, CATALOG, CFG, think_open=True) == "\n</think>\n\nOrbit Staples"
+  assert direct_answer_prefix(True) == "\n</think>\n\n" and direct_answer_prefix(False) == ""
   multi = dataclasses.replace(EXAMPLE, targets=("C", "D"))
   assert build_target(multi, CATALOG, CFG) == "Orbit Stapler\nOrbit Staples"
   piped = dataclasses.replace(CFG, item_delimiter=" | ")
@@ -120,42 +132,154 @@ def test_direct_targets():
 
 
 COT = dataclasses.replace(CFG, target_format="cot")
-COT_TARGET = (
-  "<think>\n"
+RATIONALE = (
   'The most recent item is "Orbit Stapler".\n'
   "Most frequent brand: Acme (2 of 3 recent items).\n"
   "Most frequent category: Staplers (1 of 3 recent items).\n"  # ties go to the most recent value
-  "The next item is likely: brand Orbit, category Staples.\n"
-  "</think>\n"
-  "<answer>Orbit Staples</answer>"
+  "The next item is likely: brand Orbit, category Staples."
 )
+COT_TARGET = "<think>\n" + RATIONALE + "\n</think>\n\n<answer>\nOrbit Staples\n</answer>"
 
 
 def test_cot_target_exact():
   assert build_target(EXAMPLE, CATALOG, COT) == COT_TARGET
+  # After a think-opening prompt ("...<think>\n") the completion starts inside the block.
+  assert build_target(EXAMPLE, CATALOG, COT, think_open=True) == COT_TARGET.removeprefix("<think>\n")
   assert extract_titles(COT_TARGET, COT) == ["Orbit Staples"]
   cold = build_target(Example("u", (), ("A",)), CATALOG, COT)
   assert cold.startswith("<think>\nThe user has no history")
 
 
 def test_cot_prompt_and_sft_pair_respect_visible_history():
-  prompt, completion = build_sft_pair(EXAMPLE, CATALOG, None, COT)
-  assert prompt.endswith(
+  pair = build_sft_pair(EXAMPLE, CATALOG, None, COT)
+  assert pair.prompt.endswith(
     "Think briefly inside <think></think>, then give the exact title of the item inside <answer></answer>.\n\nAnswer: "
   )
-  assert completion == COT_TARGET
+  assert pair == SftPair(pair.prompt, COT_TARGET, history_kept=3, history_total=3)
+  assert not pair.history_truncated
   tight = dataclasses.replace(COT, max_history_tokens=0)  # only the newest item is shown
-  _, completion = build_sft_pair(EXAMPLE, CATALOG, None, tight)
-  assert "Most frequent brand: Orbit (1 of 1 recent items)." in completion
+  pair = build_sft_pair(EXAMPLE, CATALOG, None, tight)
+  assert "Most frequent brand: Orbit (1 of 1 recent items)." in pair.completion
+  assert (pair.history_kept, pair.history_total, pair.history_truncated) == (1, 3, True)
+
+
+MULTI = dataclasses.replace(EXAMPLE, targets=("C", "D"))
+
+
+@pytest.mark.parametrize("think_open", [False, True])
+@pytest.mark.parametrize("cfg", [CFG, COT, dataclasses.replace(COT, item_delimiter=" | ")], ids=["direct", "cot", "cot|"])
+@pytest.mark.parametrize("example", [EXAMPLE, MULTI], ids=["one", "two"])
+def test_build_target_parse_completion_round_trip(example, cfg, think_open):
+  completion = build_target(example, CATALOG, cfg, think_open=think_open)
+  want = tuple(CATALOG[i].title for i in example.targets)
+  assert parse_completion(completion, cfg, think_open=think_open) == ParsedCompletion(want, "ok")
+  # Generations decoded with special tokens end with EOS (and padding); that is ignored.
+  assert parse_completion(completion + EOS_TOKEN + "\n", cfg, think_open=think_open).titles == want
+  assert extract_titles(completion, cfg, think_open=think_open) == list(want)
 
 
 @pytest.mark.parametrize(
-  "completion",
-  ["Orbit Staples", "<answer>Orbit Staples</answer>", "<think>x<answer>Orbit Staples</answer>",
-   "<answer>Orbit Staples</answer><think>x</think>"],
+  "completion, cfg, think_open, reason",
+  [
+    # cot always needs a closed think block, whoever opened it.
+    ("Orbit Staples", COT, False, "unclosed_think"),
+    ("<answer>\nOrbit Staples\n</answer>", COT, False, "unclosed_think"),
+    ("<think>\nx\n<answer>\nOrbit Staples\n</answer>", COT, False, "unclosed_think"),
+    ("x\n<answer>\nOrbit Staples\n</answer>", COT, True, "unclosed_think"),
+    ("<answer>Orbit Staples</answer><think>x</think>", COT, False, "no_answer"),
+    ("<think>\nx\n</think>\n\nOrbit Staples", COT, False, "no_answer"),
+    ("x\n</think>\n\n<answer>\nOrbit Staples", COT, True, "unclosed_answer"),
+    ("x\n</think>\n\n<answer>\n \n</answer>", COT, True, "empty_answer"),
+    # direct: a think block is parsed when the prompt or the completion opened one.
+    ("Orbit Staples", CFG, True, "unclosed_think"),
+    ("<think>\nOrbit Staples", CFG, False, "unclosed_think"),
+    ("\n</think>\n\n", CFG, True, "empty_answer"),
+    (" \n" + EOS_TOKEN, CFG, False, "empty_answer"),
+  ],
 )
-def test_malformed_cot_completions(completion):
-  assert extract_titles(completion, COT) is None
+def test_malformed_completions(completion, cfg, think_open, reason):
+  assert parse_completion(completion, cfg, think_open=think_open) == ParsedCompletion((), reason)
+  assert extract_titles(completion, cfg, think_open=think_open) is None
+  assert reason in PARSE_REASONS
+
+
+def test_parse_completion_accepts_a_full_think_block_and_ignores_text_after_the_answer():
+  # A direct answer in DeepSeek's empty-think form also parses after a prompt that did not open think.
+  assert extract_titles(EMPTY_THINK + "Orbit Staples", CFG) == ["Orbit Staples"]
+  assert extract_titles("x</think>\n\n<answer>\nA\nB\n</answer> trailing", COT) == ["A", "B"]
+
+
+def test_prompt_opens_think():
+  assert prompt_opens_think("...<｜Assistant｜><think>\n")
+  assert prompt_opens_think("<think>")
+  assert not prompt_opens_think("...<｜Assistant｜>")
+  assert not prompt_opens_think("Think inside <think></think>.\n\nAnswer: ")
+  assert not prompt_opens_think("<think>\n</think>\n")
+
+
+# --- the real DeepSeek-R1-Distill template (tests/r1_tokenizer.py) ----------------------------
+
+
+def test_r1_prompt_and_sft_pair_exact(r1_tokenizer):
+  tok = r1_tokenizer
+  cfg = dataclasses.replace(CFG, max_history_tokens=10_000)
+  prompt = build_prompt(EXAMPLE, CATALOG, tok, cfg)
+  assert prompt == f"{BOS_TOKEN}{USER_TOKEN}{USER_TEXT}{ASSISTANT_TOKEN}<think>\n"
+  assert prompt_opens_think(prompt)
+  direct = build_sft_pair(EXAMPLE, CATALOG, tok, cfg)
+  assert direct == SftPair(prompt, "\n</think>\n\nOrbit Staples", 3, 3)
+  cot = build_sft_pair(EXAMPLE, CATALOG, tok, dataclasses.replace(COT, max_history_tokens=10_000))
+  assert cot.prompt.endswith("inside <answer></answer>.<｜Assistant｜><think>\n")
+  assert cot.completion == RATIONALE + "\n</think>\n\n<answer>\nOrbit Staples\n</answer>"  # no second <think>
+  # The full assistant turn (prompt's "<think>\n" + completion) is the documented form.
+  assert "<think>\n" + cot.completion == COT_TARGET
+  assert parse_completion(cot.completion, COT, think_open=True).titles == ("Orbit Staples",)
+  # A cot_template that does not start inside the opened block cannot be trained after it.
+  with pytest.raises(ValueError, match="cot_template must start with"):
+    build_sft_pair(EXAMPLE, CATALOG, tok, dataclasses.replace(COT, cot_template="{rationale}<answer>{answer}</answer>"))
+
+
+def test_r1_plain_template_prompt_gets_the_bos_the_model_expects(r1_tokenizer):
+  tok = r1_tokenizer
+  plain = dataclasses.replace(CFG, use_chat_template=False)
+  prompt = build_prompt(EXAMPLE, CATALOG, tok, plain)
+  assert not prompt_opens_think(prompt)
+  ids = encode_prompt(tok, prompt)
+  assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1  # add_bos_token: true
+  chat_ids = encode_prompt(tok, build_prompt(EXAMPLE, CATALOG, tok, CFG))
+  assert chat_ids.count(tok.bos_token_id) == 1  # the template wrote it; encode must not add another
+  assert tok.encode(build_prompt(EXAMPLE, CATALOG, tok, CFG))[:2] == [tok.bos_token_id] * 2  # the trap
+
+
+LONG = Example("u", ("A", "B", "C", "D", "E") * 6, ("A",))
+
+
+@pytest.mark.parametrize("target_format", ["direct", "cot"])
+def test_sft_pair_budgets_history_to_max_length(r1_tokenizer, target_format):
+  tok = r1_tokenizer
+  cfg = PromptConfig(history_attributes=("brand",), target_format=target_format)  # 512 history tokens
+  full = build_sft_pair(LONG, CATALOG, tok, cfg)
+  assert (full.history_kept, full.history_total) == (30, 30)
+
+  def length(pair):  # tokens of prompt + completion + eos
+    return len(encode_prompt(tok, pair.prompt)) + count_tokens(pair.completion, tok) + 1
+
+  max_length = length(full) - 60  # 61 tokens too many for the whole history
+  pair = build_sft_pair(LONG, CATALOG, tok, cfg, max_length=max_length)
+  assert 1 < pair.history_kept < 30 and pair.history_total == 30 and pair.history_truncated
+  assert length(pair) <= max_length + 1
+  # Tight: one more history item would not have fitted.
+  one_more = build_sft_pair(dataclasses.replace(LONG, history=LONG.history[-(pair.history_kept + 1):]),
+                            CATALOG, tok, cfg)
+  assert length(one_more) > max_length + 1
+  # The BOS, the template header and the instruction survive; the newest item is the last line.
+  assert pair.prompt.startswith(f"{BOS_TOKEN}{USER_TOKEN}Purchase history (oldest first):\n1. ")
+  answer_format = cfg.cot_answer_format if target_format == "cot" else cfg.direct_answer_format
+  assert pair.prompt.endswith(f"{cfg.instruction} {answer_format}{ASSISTANT_TOKEN}<think>\n")
+  assert f"{pair.history_kept}. Orbit Staples (brand: Orbit)\n\n" in pair.prompt
+  # A generous max_length changes nothing; so does having no tokenizer (nothing to count with).
+  assert build_sft_pair(LONG, CATALOG, tok, cfg, max_length=length(full) - 1) == full
+  assert build_sft_pair(LONG, CATALOG, None, cfg, max_length=10) == build_sft_pair(LONG, CATALOG, None, cfg)
 
 
 def test_config_validation():

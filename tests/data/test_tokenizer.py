@@ -1,8 +1,6 @@
-"""BPE tokenizer training, reloading and the R1-style chat template."""
+"""BPE tokenizer training, reloading, the R1-style chat template, and prompt encoding (BOS)."""
 
 from __future__ import annotations
-
-import time
 
 import pytest
 import transformers
@@ -15,6 +13,8 @@ from recllm_jax.data.tokenizer import (
   PAD_TOKEN,
   REASONING_TOKENS,
   USER_TOKEN,
+  adds_bos,
+  encode_prompt,
   train_bpe_tokenizer,
 )
 
@@ -54,11 +54,9 @@ def test_chat_template(trained_tokenizer):
   assert ids[0] == tok.bos_token_id and ids[-1] == tok.convert_tokens_to_ids(ASSISTANT_TOKEN)
 
 
-def test_train_fast_save_and_reload_without_template(tmp_path):
+def test_save_and_reload_without_template(tmp_path):
   texts = ["Acme Gel Pen, Blue, 12-Pack", "Orbit Stapler, Red", "Orbit Staples, 1000-Count"] * 50
-  start = time.perf_counter()
   tok = train_bpe_tokenizer(texts, tmp_path / "tok", vocab_size=300, chat_template=False)
-  assert time.perf_counter() - start < 5.0
   assert tok.chat_template is None
   reloaded = transformers.AutoTokenizer.from_pretrained(tmp_path / "tok")
   assert reloaded.chat_template is None
@@ -66,3 +64,22 @@ def test_train_fast_save_and_reload_without_template(tmp_path):
   assert reloaded.eos_token == EOS_TOKEN
   with pytest.raises(ValueError, match="vocab_size"):
     train_bpe_tokenizer(texts, tmp_path / "small", vocab_size=100)
+
+
+def test_encode_prompt_never_doubles_bos(trained_tokenizer, r1_tokenizer):
+  # The offline BPE adds nothing on encode: the chat template's BOS is the only one, and a
+  # plain prompt gets none (as with Qwen2 tokenizers).
+  tok = trained_tokenizer
+  assert not adds_bos(tok)
+  assert encode_prompt(tok, f"{BOS_TOKEN}{USER_TOKEN}hi{ASSISTANT_TOKEN}") == tok.encode(
+    f"{BOS_TOKEN}{USER_TOKEN}hi{ASSISTANT_TOKEN}", add_special_tokens=False)
+  assert tok.bos_token_id not in encode_prompt(tok, "hi\n\nAnswer: ")
+  # The real R1 config adds a BOS on encode (add_bos_token: true) and its template writes one.
+  r1 = r1_tokenizer
+  assert adds_bos(r1)
+  rendered = r1.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+  assert rendered == f"{BOS_TOKEN}{USER_TOKEN}hi{ASSISTANT_TOKEN}<think>\n"
+  assert r1.encode(rendered)[:2] == [r1.bos_token_id] * 2  # what a plain encode would train on
+  ids = encode_prompt(r1, rendered)
+  assert ids == r1.encode(rendered, add_special_tokens=False) and ids.count(r1.bos_token_id) == 1
+  assert encode_prompt(r1, "hi") == [r1.bos_token_id, *r1.encode("hi", add_special_tokens=False)]

@@ -5,7 +5,7 @@ import pytest
 from flax import nnx
 
 from recllm_jax.models import ConfigError, Qwen2Config, Qwen2ForCausalLM, count_params
-from recllm_jax.models.config import deepseek_r1_distill_qwen_1_5b
+from recllm_jax.models.config import deepseek_r1_distill_qwen_1_5b, tiny
 
 # DeepSeek-R1-Distill-Qwen-1.5B's config.json as transformers 4.x writes it.
 R1_DISTILL_4X = {
@@ -76,3 +76,29 @@ def test_r1_distill_preset_has_exactly_1_777_088_000_params_without_allocating()
   leaves = jax.tree.leaves(nnx.state(abstract, nnx.Param))
   assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
   assert count_params(abstract) == 1_777_088_000
+
+
+def test_derived_head_dim_follows_overridden_sizes():
+  assert tiny().head_dim == 32  # 128 / 4
+  # The loop's override path: a smaller width must not keep the preset's 32-wide heads.
+  assert tiny(hidden_size=32, num_attention_heads=4).head_dim == 8
+  assert tiny(num_attention_heads=8, num_key_value_heads=2).head_dim == 16
+  assert tiny().replace(hidden_size=256).head_dim == 64
+  assert deepseek_r1_distill_qwen_1_5b(hidden_size=768).head_dim == 64
+  assert tiny().replace(hidden_size=32, num_attention_heads=4) == tiny(hidden_size=32)
+
+
+def test_explicit_head_dim_is_kept():
+  # Qwen2-family configs may set head_dim independently of hidden_size / heads.
+  cfg = Qwen2Config.from_hf_dict({**R1_DISTILL_4X, "head_dim": 64})
+  assert cfg.head_dim == 64
+  assert cfg.replace(hidden_size=768).head_dim == 64
+  assert cfg.replace(head_dim=None).head_dim == 128  # asking to derive it again
+
+
+def test_underivable_head_dim_is_a_config_error():
+  with pytest.raises(ConfigError, match="hidden_size=100 is not a multiple of "
+                                        "num_attention_heads=8; set head_dim"):
+    tiny(hidden_size=100, num_attention_heads=8, num_key_value_heads=2)
+  assert tiny(hidden_size=100, num_attention_heads=8, num_key_value_heads=2,
+              head_dim=16).head_dim == 16

@@ -90,7 +90,7 @@ def test_train_step_fits_a_batch_on_a_mesh(overrides):
   schedule, opt = _optimizer(lr=3e-3)
   graphdef, state = optim.init_train_state(model, opt, seed=0)
   step = optim.make_train_step(graphdef, opt, sft_loss_fn, schedule,
-                               state_sharding=optim.state_shardings(state))
+                               state_sharding=sharding.shardings_of(state))
   batch = jax.device_put(_batch(), jax.sharding.NamedSharding(mesh, jax.P(("data", "fsdp"))))
   losses = []
   with jax.set_mesh(mesh):
@@ -134,11 +134,18 @@ def test_weight_decay_skips_biases_and_norms():
   assert mask["norm"]["scale"].get_value() is False
 
 
-def test_clipping_bounds_update():
-  schedule, opt = _optimizer()
-  grads = {"w": jnp.full((4,), 100.0)}
-  state = opt.init(grads)
-  clipped, _ = optax.clip_by_global_norm(1.0).update(grads, optax.EmptyState())
-  assert float(optax.tree.norm(clipped)) == pytest.approx(1.0)
-  updates, _ = opt.update(grads, state, grads)
-  assert np.all(np.isfinite(updates["w"]))
+def test_optimizer_clips_the_global_norm_before_adam():
+  # Adam's first update is -lr * g / (|g| + eps) elementwise; with eps = 1 its size shows which
+  # gradient Adam saw. {a: 6, b: 8} has global norm 10, clipped to 1 it is {a: 0.6, b: 0.8};
+  # clipping each leaf separately would give 1 and 1, no clipping 6 and 8.
+  grads = {"a": jnp.array([6.0]), "b": jnp.array([8.0])}
+
+  def first_update(max_grad_norm: float) -> list[float]:
+    opt = optim.make_optimizer(optax.constant_schedule(1.0), weight_decay=0.0,
+                               max_grad_norm=max_grad_norm, eps=1.0)
+    updates, _ = opt.update(grads, opt.init(grads), grads)
+    return [float(updates[k][0]) for k in ("a", "b")]
+
+  assert first_update(1.0) == pytest.approx([-0.6 / 1.6, -0.8 / 1.8])
+  assert first_update(20.0) == pytest.approx([-6 / 7, -8 / 9])  # under the bound: untouched
+  assert first_update(0.0) == pytest.approx([-6 / 7, -8 / 9])  # 0 disables clipping

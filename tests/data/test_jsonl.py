@@ -1,22 +1,17 @@
-"""Dataset readers: JSONL format, leave-last-out splitting, bad-data handling, Amazon-2018."""
+"""JSONL/Parquet reader: leave-last-out splitting, explicit splits, bad-data handling."""
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from recllm_jax.data import DataError, Example, load_dataset, read_amazon18, read_jsonl
-from recllm_jax.data.sources import detect_format
+from recllm_jax.data import DataError, Example, read_jsonl
 
 from sample_data import CATALOG_ROWS, write_jsonl
-
-OFFICE_DIR = (Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "amazon18" / "Office_Products").resolve()
-
-
-# ----------------------------------------------------------------------------- JSONL
 
 
 def test_leave_last_out_split(jsonl_dataset):
@@ -164,7 +159,7 @@ def test_empty_dataset(jsonl_dataset):
 
 def test_missing_files(tmp_path):
   write_jsonl(tmp_path / "catalog.jsonl", CATALOG_ROWS)
-  assert _error(tmp_path) == f"{tmp_path / 'interactions.jsonl'}: file not found"
+  assert _error(tmp_path) == f"{tmp_path / 'interactions.jsonl'}: file not found (interactions.parquet is also accepted)"
 
 
 def test_skip_mode_counts_bad_rows(jsonl_dataset):
@@ -186,136 +181,83 @@ def test_skip_mode_still_rejects_empty_dataset(jsonl_dataset):
     read_jsonl(root, on_bad_data="skip")
 
 
-def test_load_dataset_dispatch(jsonl_dataset, tmp_path):
-  root = jsonl_dataset([GOOD])
-  assert detect_format(root) == "jsonl"
-  assert load_dataset(root).train == read_jsonl(root).train
-  with pytest.raises(DataError, match="no dataset found"):
-    load_dataset(tmp_path / "missing")
-  with pytest.raises(ValueError, match="fmt must be one of"):
-    load_dataset(root, fmt="parquet")
-
-
-def test_synthetic_roundtrip(synthetic_dir):
-  ds = load_dataset(synthetic_dir, "jsonl")
-  assert len(ds.catalog) == 500
-  assert len(ds.test) == len(ds.valid) == 400  # one of each per user (leave-last-out)
-  assert ds.skipped == 0
-  rows = [json.loads(line) for line in (synthetic_dir / "interactions.jsonl").read_text().splitlines()]
-  by_user = {row["user_id"]: [e["item_id"] for e in row["history"]] for row in rows}
-  for ex in ds.test:
-    assert list(ex.history) + list(ex.targets) == by_user[ex.user_id]
-  for ex in ds.train[:200]:
-    seq = by_user[ex.user_id]
-    assert list(ex.history) + list(ex.targets) == seq[: len(ex.history) + 1]
-    assert len(ex.history) + 1 <= len(seq) - 2
-    assert ex.timestamps is not None and len(ex.timestamps) == len(ex.history)
-
-
-# ----------------------------------------------------------------------------- Amazon 2018
-
-
-@pytest.fixture(scope="module")
-def office():
-  if not OFFICE_DIR.exists():
-    pytest.skip(f"real Amazon-2018 Office data not found at {OFFICE_DIR}")
-  return read_amazon18(OFFICE_DIR)
-
-
-def _csv_rows(name: str) -> list[tuple[str, tuple[str, ...], str]]:
-  import ast
-  import csv
-
-  with (OFFICE_DIR / name).open(newline="", encoding="utf-8") as f:
-    return [
-      (r["user_id"], tuple(str(i) for i in ast.literal_eval(r["history_item_id"])), str(int(r["item_id"])))
-      for r in csv.DictReader(f)
-    ]
-
-
-def test_amazon_counts(office):
-  assert len(office.catalog) == 3459
-  assert len(office.test) == 4866
-  assert office.skipped == 0
-  assert detect_format(OFFICE_DIR) == "amazon18"
-  item = office.catalog["0"]
-  assert item.title.startswith("HP 74 Black & 75 Tri-color")
-  assert item.attributes["brand"] == "HP"
-  assert "categories" not in item.attributes  # empty in this dump
-  assert "HP 74 & 75 ink cartridges" in item.attributes["description"]
-
-
-def test_amazon_test_split_is_test_csv_verbatim(office):
-  assert [(ex.user_id, ex.history, ex.targets[0]) for ex in office.test] == _csv_rows("test.csv")
-
-
-def test_amazon_train_comes_from_valid_csv_without_leakage(office):
-  valid_rows = _csv_rows("valid.csv")
-  sequences: dict[str, list[tuple[str, ...]]] = {}
-  for user, history, target in valid_rows:
-    sequences.setdefault(user, []).append(history + (target,))
-  keys = [(ex.user_id, ex.history, ex.targets[0]) for ex in office.train]
-  assert len(keys) == len(set(keys)), "train must be deduplicated"
-  for user, history, target in keys:
-    # Every train example is a prefix (+ next item) of one of that user's valid.csv rows.
-    assert any(seq[: len(history) + 1] == history + (target,) for seq in sequences[user])
-  test_keys = set(_csv_rows("test.csv"))
-  assert not test_keys & set(keys)
-  # The held-out valid rows: each user's last valid.csv row, never in train.
-  last = {}
-  for row in valid_rows:
-    last[row[0]] = row
-  valid_keys = [(ex.user_id, ex.history, ex.targets[0]) for ex in office.valid]
-  assert 100 < len(valid_keys) < 300  # ~10% of 1,795 users
-  assert all(last[user] == (user, h, t) for user, h, t in valid_keys)
-  assert not set(valid_keys) & set(keys)
-  # Held-out rows are each user's latest event: no train example of theirs reaches that far.
-  train_sequences = {(user, history + (target,)) for user, history, target in keys}
-  for user, history, target in valid_keys:
-    assert (user, history + (target,)) not in train_sequences
-
-
-def test_amazon_duplicate_titles(office):
-  catalog = office.catalog
-  assert len(catalog.titles()) == 3443
-  ids = catalog.ids_for_title("Sharpie Liquid Highlighters, Chisel Tip, Assorted Colors, 10 Count")
-  assert ids == ["112", "118"]
-  assert catalog.ground_title("Sharpie Liquid Highlighters, Chisel Tip, Assorted Colors, 10 Count") == "112"
-  assert catalog.ground_title("Sharpie Liquid Highlighters, Chisel Tip, Assorted Colors, 10 Count",
-                              {"118": 3, "112": 1}) == "118"
-  # Whitespace is normalised: the catalog title has a double space.
-  assert catalog.ids_for_title("EXPO 86074 Low-Odor Dry Erase Markers, Fine Point, Assorted Colors, 4-Count") == ["206"]
-  assert catalog.ground_title("Not A Real Product") is None
-
-
-def _fake_amazon(root: Path, valid_lines: list[str]) -> Path:
-  root.mkdir()
-  (root / "items.json").write_text(json.dumps({"1": {"title": "One"}, "2": {"title": "Two"}, "3": {"title": "Three"}}))
-  header = "user_id,history_item_title,item_title,history_item_id,item_id,history_item_sid,item_sid\n"
-  (root / "valid.csv").write_text(header + "".join(line + "\n" for line in valid_lines))
-  (root / "test.csv").write_text(header + 'u1,"[\'One\', \'Two\']",Three,"[1, 2]",3,x,y\n')
-  return root
-
-
-def test_amazon_reader_errors_and_dedup(tmp_path):
-  good = ['u1,"[\'One\']",Two,[1],2,x,y', 'u1,"[\'One\', \'Two\']",Three,"[1, 2]",3,x,y']
-  ds = read_amazon18(_fake_amazon(tmp_path / "ok", good), valid_fraction=0.0)
-  # Row 2's prefix [1] -> 2 duplicates row 1 and is kept once.
-  assert [(ex.history, ex.targets) for ex in ds.train] == [(("1",), ("2",)), (("1", "2"), ("3",))]
-  assert ds.valid == [] and len(ds.test) == 1
-
-  root = _fake_amazon(tmp_path / "bad", good + ['u2,"[]",X,"[1, 99]",2,x,y', 'u3,"[]",X,"[1,",2,x,y'])
-  with pytest.raises(DataError, match=re.escape(f"{root / 'valid.csv'}:4: unknown item id '99' in field 'history_item_id'")):
-    read_amazon18(root)
-  ds = read_amazon18(root, on_bad_data="skip")
-  assert ds.skipped == 2 and len(ds.train) == 2
-  with pytest.raises(DataError, match=r"valid\.csv: no usable train examples"):
-    read_amazon18(_fake_amazon(tmp_path / "empty", []))
-
-
 def test_invalid_utf8_line(jsonl_dataset):
   root = jsonl_dataset([GOOD])
   with (root / "interactions.jsonl").open("ab") as f:
     f.write(b'{"user_id": "\xff"}\n')
   assert _error(root) == f"{root / 'interactions.jsonl'}:2: invalid UTF-8 at byte 13"
   assert read_jsonl(root, on_bad_data="skip").skipped == 1
+
+
+# ----------------------------------------------------------------------------- Parquet
+
+
+def write_parquet(path: Path, rows: list[dict]) -> Path:
+  """Columns are the union of the rows' keys (missing ones null), as pandas/Spark exports have."""
+  keys = list(dict.fromkeys(k for row in rows for k in row))
+  pq.write_table(pa.table({k: [row.get(k) for row in rows] for k in keys}), path)
+  return path
+
+
+PARQUET_INTERACTIONS = [
+  {
+    "user_id": "u1",
+    "profile": {"age_band": "25-34"},
+    "history": [
+      {"item_id": "A", "timestamp": 10, "action": "view"},
+      {"item_id": "B", "timestamp": 20, "action": "purchase"},
+      {"item_id": "C", "timestamp": 30, "action": "purchase"},
+      {"item_id": "D", "timestamp": 40, "action": "view"},
+    ],
+  },
+  {
+    "user_id": "u2",
+    "profile": {"occupation": "teacher"},
+    "history": [{"item_id": "C"}],
+    "targets": [{"item_id": "E"}],
+    "split": "test",
+  },
+]
+
+
+def test_parquet_tables_read_like_jsonl(jsonl_dataset, tmp_path):
+  catalog = [dict(row) for row in CATALOG_ROWS]
+  del catalog[2]["brand"]  # a null cell in Parquet: absent, as in JSONL
+  reference = read_jsonl(jsonl_dataset(PARQUET_INTERACTIONS, catalog=catalog))
+  root = tmp_path / "pq"
+  root.mkdir()
+  write_parquet(root / "catalog.parquet", catalog)
+  write_parquet(root / "interactions.parquet", PARQUET_INTERACTIONS)
+  ds = read_jsonl(root)
+  assert ds.train == [Example("u1", ("A",), ("B",), {"age_band": "25-34"}, (10,), ("view",))]
+  assert ds.valid == [Example("u1", ("A", "B"), ("C",), {"age_band": "25-34"}, (10, 20), ("view", "purchase"))]
+  assert ds.test == [
+    Example("u1", ("A", "B", "C"), ("D",), {"age_band": "25-34"}, (10, 20, 30), ("view", "purchase", "purchase")),
+    Example("u2", ("C",), ("E",), {"occupation": "teacher"}),
+  ]
+  assert (ds.train, ds.valid, ds.test) == (reference.train, reference.valid, reference.test)
+  assert ds.catalog["C"].attributes == {"category": "Staplers"}
+  assert [item.attributes for item in ds.catalog] == [item.attributes for item in reference.catalog]
+
+
+def test_parquet_bad_rows_name_the_row(tmp_path):
+  write_jsonl(tmp_path / "catalog.jsonl", CATALOG_ROWS)  # tables may mix formats
+  rows = [GOOD, {"user_id": "v", "history": ["A", "Z"]}, {"user_id": "w", "history": None}, GOOD | {"user_id": "x"}]
+  path = write_parquet(tmp_path / "interactions.parquet", rows)
+  assert _error(tmp_path) == f"{path}:2: unknown item id 'Z' in field 'history'"
+  ds = read_jsonl(tmp_path, on_bad_data="skip")
+  assert ds.skipped == 2  # row 3's null history is a missing field
+  assert {ex.user_id for ex in ds.train} == {"u", "x"}
+
+
+def test_unreadable_parquet(tmp_path):
+  write_jsonl(tmp_path / "catalog.jsonl", CATALOG_ROWS)
+  (tmp_path / "interactions.parquet").write_bytes(b"not parquet")
+  message = _error(tmp_path)
+  assert message.startswith(f"{tmp_path / 'interactions.parquet'}: unreadable Parquet file (")
+
+
+def test_jsonl_and_parquet_of_one_table_is_ambiguous(jsonl_dataset):
+  root = jsonl_dataset([GOOD])
+  write_parquet(root / "catalog.parquet", CATALOG_ROWS)
+  assert _error(root) == f"{root}: both catalog.jsonl and catalog.parquet exist; keep only one"

@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from recllm_jax import sharding
+from recllm_jax.errors import UserError
 from recllm_jax.models.config import Qwen2Config, dtype_name
 from recllm_jax.models.qwen2 import Qwen2ForCausalLM
 
@@ -33,7 +34,7 @@ SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
   """A checkpoint that does not match the model: message names the tensor and file."""
 
 
@@ -184,7 +185,7 @@ def load_hf_model(path: str | os.PathLike, *, dtype: Any = jnp.float32, mesh: Me
   targets = {".".join(map(str, k)): v for k, v in nnx.to_flat_state(state)}
   if mesh is not None:
     shardings = {".".join(map(str, k)): s.get_value()
-                 for k, s in nnx.to_flat_state(sharding.state_shardings(state, mesh))}
+                 for k, s in nnx.to_flat_state(sharding.logical_shardings(state, mesh))}
   else:
     shardings = dict.fromkeys(targets, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
 

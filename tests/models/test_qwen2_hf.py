@@ -9,7 +9,8 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 import recllm_jax
-from recllm_jax.hf_io import CheckpointError, WEIGHT_MAP, flax_to_hf_name, hf_to_flax_name
+from recllm_jax import CheckpointError
+from recllm_jax.models.qwen2_hf import WEIGHT_MAP, flax_to_hf_name, hf_to_flax_name
 from recllm_jax.models import ConfigError
 
 IDS = np.array([[5, 9, 17, 33, 64, 100, 7], [0, 0, 0, 12, 45, 99, 3]])

@@ -1,0 +1,142 @@
+"""GRPO configs: `--config configs/grpo.py[:preset]`, then `--config.key=value` overrides.
+
+GRPO starts from an SFT result: `init_from` is an SFT workdir (its latest step, or `path@step`)
+or a Hugging Face directory. The model architecture and tokenizer come from there; the SFT
+optimizer and data-iterator state are not restored.
+
+Presets:
+  (none)  the RecLLM-R1 GRPO stage on DeepSeek-R1-Distill-Qwen-1.5B with chain-of-thought:
+          --config.init_from=/path/to/sft_workdir --config.data.dir=/path/to/amazon18/Office_Products
+  tiny    a CPU smoke run from a `configs/sft.py:tiny` workdir on synthetic data (minutes).
+
+Contract keys (used by scripts and docs): init_from, train.batch_size (prompts; rows =
+prompts x G), train.num_steps, grpo.num_generations, grpo.beta, grpo.epsilon_low,
+grpo.epsilon_high, grpo.num_iterations, grpo.loss_type, grpo.rollout, grpo.max_new_tokens,
+grpo.temperature, rewards.<name> (weights of the named rewards in `recllm_jax.rec.rewards`).
+0 means "never" for every *_every key.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from configs.sft import base_config
+
+
+def grpo_base() -> ml_collections.ConfigDict:
+  c = base_config()
+  c.task = "grpo"
+  c.workdir = "/tmp/recllm_grpo"
+  c.init_from = ""  # SFT workdir[@step] or HF directory (required)
+  c.data.prompt.target_format = "cot"
+
+  g = c.grpo = ml_collections.ConfigDict()
+  g.rollout = "cot"  # cot | cot_constrained | beam
+  # G: TRL's GRPOTrainer default (num_generations=8); DeepSeekMath used 64 on far larger runs.
+  g.num_generations = 8
+  # beta = 0.04: DeepSeekMath's GRPO (Shao et al. 2024, sec. 4.2) and TRL's original default.
+  g.beta = 0.04
+  # epsilon = 0.2: PPO's clip range (Schulman et al. 2017), GRPO's default in DeepSeekMath/TRL.
+  g.epsilon_low = 0.2
+  g.epsilon_high = 0.2
+  g.num_iterations = 1  # mu: updates per rollout (DeepSeekMath: 1)
+  g.loss_type = "grpo"  # grpo | bnpo | dr_grpo | dapo
+  g.advantage = "grpo"  # grpo | dr_grpo | batch (see recllm_jax.train.advantages)
+  # 512 new tokens: room for a short <think> block plus the answer list.
+  g.max_new_tokens = 512
+  g.answer_items = 1  # titles per constrained answer (cot_constrained)
+  # 0.6 / 0.95: DeepSeek-R1-Distill's generation_config.json (the model's recommended sampling).
+  g.temperature = 0.6
+  g.top_p = 0.95
+  g.top_k = 0
+  g.mask_truncated_completions = False
+  g.entropy_coef = 0.0
+  g.samples_every = 10  # append prompts/completions/rewards to <workdir>/samples.txt
+  g.num_samples_logged = 4
+  g.eval_prompts = 64  # held-out prompts for `val_reward` (greedy)
+  g.fuzzy_cutoff = 0.9  # title grounding: exact, normalised, then fuzzy >= this ratio
+
+  # Composite reward: weight per registered reward (recllm_jax.rec.rewards); 0 disables one.
+  r = c.rewards = ml_collections.ConfigDict()
+  r.format = 0.1
+  r.hit = 1.0
+  r.ndcg = 1.0
+  r.recall = 0.0
+  r.rank_aware = 0.0  # MiniOneRec's rank penalty; meaningful with grpo.rollout='beam'
+  r.diversity = 0.0
+  r.novelty = 0.0
+  r.business = 0.0
+  r.invalid = 0.1  # penalty weights: ungrounded items, repeats, items already in the history
+  r.repeat = 0.1
+  r.history = 0.1
+  # Your own rewards by import path: reward_fns.<name> = "package.module:function" plus a weight
+  # rewards.<name>. The config is locked, so add both in a config file of your own that calls
+  # this one's get_config() under `config.unlocked()`.
+  c.reward_fns = ml_collections.ConfigDict()
+  c.reward_k = 10  # K of hit/NDCG/recall@K
+  c.business = ml_collections.ConfigDict()
+  c.business.attribute = config_dict.placeholder(str)  # e.g. "brand"
+  c.business.value = config_dict.placeholder(str)  # e.g. "Acme"
+  c.business.item_file = config_dict.placeholder(str)  # one item id per line
+  c.business.boost = 1.0
+
+  t = c.train
+  t.batch_size = 8  # prompts per step; rows = batch_size x grpo.num_generations
+  return c
+
+
+def paper(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  c.workdir = "/tmp/recllm_grpo_r1_distill_1.5b"
+  c.model.preset = "hf"
+  c.model.remat = True
+  c.data.format = "amazon18"
+  c.data.max_length = 1024
+  c.train.num_steps = 500
+  c.train.batch_size = 8
+  # lr 1e-6, constant after warmup: DeepSeekMath's GRPO (Shao et al. 2024).
+  c.train.lr = 1e-6
+  c.train.min_lr_ratio = 1.0
+  c.train.warmup_steps = 10
+  c.train.weight_decay = 0.0
+  c.train.eval_every = 50
+  c.train.checkpoint_every = 50
+  return c
+
+
+def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  c.workdir = "/tmp/recllm_grpo_tiny"
+  c.init_from = "/tmp/recllm_sft_tiny"  # the default workdir of configs/sft.py:tiny
+  c.model.param_dtype = "float32"
+  c.model.dtype = "float32"  # bf16 matmuls are slow on CPU
+  c.data.format = "synthetic"
+  c.data.max_length = 256
+  c.data.prompt.max_history_tokens = 160
+  c.grpo.num_generations = 8
+  c.grpo.max_new_tokens = 96
+  c.grpo.temperature = 1.0
+  c.grpo.top_p = 1.0
+  c.grpo.eval_prompts = 32
+  c.train.num_steps = 30
+  c.train.batch_size = 4
+  c.train.lr = 2e-4
+  c.train.min_lr_ratio = 1.0
+  c.train.warmup_steps = 0
+  c.train.weight_decay = 0.0
+  c.train.log_every = 1
+  c.train.eval_every = 10
+  c.train.checkpoint_every = 10
+  return c
+
+
+PRESETS = {"": paper, "paper": paper, "tiny": tiny}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  name = arg or ""
+  if name not in PRESETS:
+    raise ValueError(f"unknown preset {name!r} for configs/grpo.py; expected one of "
+                     f"{sorted(k for k in PRESETS if k)}")
+  config = PRESETS[name](grpo_base())
+  config.lock()
+  return config

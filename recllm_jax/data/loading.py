@@ -1,0 +1,87 @@
+"""One entry point for every dataset format: :func:`load_dataset`.
+
+Configs name a directory and a format (``data.dir``, ``data.format``); this
+module maps them onto the readers (:mod:`~recllm_jax.data.jsonl`,
+:mod:`~recllm_jax.data.amazon18`) and the synthetic generator, so training
+code never needs to know which one it got. Every reader follows the same
+bad-data policy: with ``on_bad_data="error"`` the first malformed row raises
+:class:`~recllm_jax.data.errors.DataError` naming ``file:line``; with
+``"skip"`` the row is dropped and counted in :attr:`RecDataset.skipped`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from recllm_jax.data.amazon18 import ITEMS_FILE, TEST_FILE, VALID_FILE, read_amazon18
+from recllm_jax.data.errors import DataError
+from recllm_jax.data.jsonl import read_jsonl
+from recllm_jax.data.schema import (
+  CATALOG_FILE,
+  CATALOG_PARQUET,
+  INTERACTIONS_FILE,
+  INTERACTIONS_PARQUET,
+  RecDataset,
+)
+from recllm_jax.data.synthetic import ensure_synthetic
+
+__all__ = ["FORMATS", "detect_format", "load_dataset"]
+
+FORMATS = ("auto", "jsonl", "amazon18", "synthetic")
+
+
+def detect_format(data_dir: str | os.PathLike[str]) -> str:
+  """Guess the format from the files present; raises if nothing matches."""
+  root = Path(data_dir)
+  if (root / CATALOG_FILE).is_file() or (root / CATALOG_PARQUET).is_file():
+    return "jsonl"
+  if (root / ITEMS_FILE).is_file() and (root / VALID_FILE).is_file():
+    return "amazon18"
+  raise DataError(
+    f"no dataset found: expected {CATALOG_FILE}+{INTERACTIONS_FILE} or "
+    f"{CATALOG_PARQUET}+{INTERACTIONS_PARQUET} (jsonl) or "
+    f"{ITEMS_FILE}+{VALID_FILE}+{TEST_FILE} (amazon18); use fmt='synthetic' to generate one",
+    path=root,
+  )
+
+
+def load_dataset(
+  data_dir: str | os.PathLike[str],
+  fmt: str = "auto",
+  *,
+  on_bad_data: str = "error",
+  min_history: int = 1,
+  max_history: int | None = None,
+  valid_fraction: float = 0.1,
+  seed: int = 0,
+) -> RecDataset:
+  """Load a dataset directory in any supported format.
+
+  ``fmt="synthetic"`` generates the offline default dataset into
+  ``data_dir`` with ``seed``, reusing data already there when it was made
+  with the same seed by the same generator version and regenerating it
+  (with a warning) otherwise (see :func:`~recllm_jax.data.synthetic.ensure_synthetic`),
+  then reads it as JSONL, so configs can point at a cache directory and get
+  the same data on every host. ``valid_fraction`` only affects ``amazon18``. ``min_history`` drops
+  examples with shorter histories from every split; ``max_history`` keeps
+  only the newest events of each history.
+  """
+  if fmt not in FORMATS:
+    raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+  root = Path(data_dir)
+  if fmt == "synthetic":
+    ensure_synthetic(root, seed=seed)
+    fmt = "jsonl"
+  elif fmt == "auto":
+    fmt = detect_format(root)
+
+  if fmt == "amazon18":
+    return read_amazon18(
+      root,
+      on_bad_data=on_bad_data,
+      min_history=min_history,
+      max_history=max_history,
+      valid_fraction=valid_fraction,
+    )
+  return read_jsonl(root, on_bad_data=on_bad_data, min_history=min_history, max_history=max_history)

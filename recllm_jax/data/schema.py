@@ -1,0 +1,95 @@
+"""The in-memory form every reader produces: :class:`Example` and :class:`RecDataset`.
+
+Kept apart from the readers so that code consuming examples (prompts, the
+pipeline, the synthetic generator's file names) depends on the data model
+only, never on a particular on-disk format. It imports nothing from the
+package but :mod:`recllm_jax.data.catalog`, which imports nothing back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from recllm_jax.data.catalog import Catalog
+
+__all__ = [
+  "CATALOG_FILE",
+  "CATALOG_PARQUET",
+  "Example",
+  "INTERACTIONS_FILE",
+  "INTERACTIONS_PARQUET",
+  "RecDataset",
+  "SPLITS",
+]
+
+SPLITS = ("train", "valid", "test")
+
+# The user-data ("jsonl") format: two tables, each as JSON Lines or Parquet.
+CATALOG_FILE = "catalog.jsonl"
+INTERACTIONS_FILE = "interactions.jsonl"
+CATALOG_PARQUET = "catalog.parquet"
+INTERACTIONS_PARQUET = "interactions.parquet"
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  """One recommendation instance: a user's past items and what came next.
+
+  ``timestamps`` and ``actions`` are optional and, when present, aligned
+  with ``history`` (they describe history events only, never targets, so a
+  prompt cannot leak when the target happened).
+  """
+
+  user_id: str
+  history: tuple[str, ...]
+  targets: tuple[str, ...]
+  profile: Mapping[str, Any] | None = None
+  timestamps: tuple[int, ...] | None = None
+  actions: tuple[str, ...] | None = None
+
+  def __post_init__(self) -> None:
+    if not self.targets:
+      raise ValueError(f"example for user {self.user_id!r} has no targets")
+    for name in ("timestamps", "actions"):
+      aligned = getattr(self, name)
+      if aligned is not None and len(aligned) != len(self.history):
+        raise ValueError(
+          f"example for user {self.user_id!r}: {name} has {len(aligned)} "
+          f"entries but history has {len(self.history)}"
+        )
+
+  def truncated(self, max_history: int | None) -> Example:
+    """Keep only the newest ``max_history`` history events (``None``: all)."""
+    if max_history is None or len(self.history) <= max_history:
+      return self
+    cut = len(self.history) - max_history
+    return dataclasses.replace(
+      self,
+      history=self.history[cut:],
+      timestamps=None if self.timestamps is None else self.timestamps[cut:],
+      actions=None if self.actions is None else self.actions[cut:],
+    )
+
+
+@dataclasses.dataclass
+class RecDataset:
+  """A catalog plus leakage-free train/valid/test example lists."""
+
+  catalog: Catalog
+  train: list[Example]
+  valid: list[Example]
+  test: list[Example]
+  skipped: int = 0
+
+  def split(self, name: str) -> list[Example]:
+    if name not in SPLITS:
+      raise ValueError(f"unknown split {name!r}; expected one of {SPLITS}")
+    return getattr(self, name)
+
+  def __repr__(self) -> str:
+    return (
+      f"RecDataset({self.catalog!r}, train={len(self.train)}, valid={len(self.valid)}, "
+      f"test={len(self.test)}, skipped={self.skipped})"
+    )

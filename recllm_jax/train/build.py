@@ -1,0 +1,293 @@
+"""What a run trains: the model and tokenizer, from a preset, an HF directory or a workdir.
+
+A run's weights come from one of three places, chosen by config:
+
+  init_from=<workdir>[@step]   a previous run's Orbax checkpoint (params only: its optimizer
+                               and data-iterator state are not restored), e.g. GRPO from SFT;
+  init_from=<hf dir>           a Hugging Face directory (config.json + safetensors);
+  model.preset='hf'            `model.hf_path` (the SFT default), or any other preset for a
+                               random init created directly sharded.
+
+`load_checkpoint(workdir)` is the inference entry point built on the same pieces: model,
+tokenizer and config of a trained workdir, without optimizer or data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+from flax import nnx
+
+from recllm_jax import sharding
+from recllm_jax.errors import ConfigError, MissingPathError
+from recllm_jax.models import PRESETS, Qwen2ForCausalLM
+from recllm_jax.models.config import Qwen2Config
+
+log = logging.getLogger(__name__)
+
+DEEPSEEK_URL = "https://huggingface.co/deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
+# Architecture keys a config may override on top of `model.preset` (0 = keep the preset's).
+ARCH_OVERRIDES = ("hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "num_key_value_heads")
+CONFIG_FILE = "config.json"  # the resolved run config, written into every workdir
+TOKENIZER_DIR = "tokenizer"  # a tokenizer trained by the run, inside its workdir
+
+
+# --- where the weights come from --------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class InitSource:
+  """A parsed `init_from`: a run's workdir (at `step`, None = latest) or an HF directory."""
+
+  path: Path
+  kind: str  # "workdir" | "hf"
+  step: int | None = None
+
+
+def parse_init_from(spec: str) -> InitSource:
+  """`dir`, `dir@step` -> InitSource; raises MissingPathError / ConfigError naming the key."""
+  path, _, step = spec.partition("@")
+  if step and not step.isdigit():
+    raise ConfigError(f"init_from={spec!r}: the part after '@' must be a step number")
+  root = Path(path)
+  if (root / "checkpoints").is_dir():
+    return InitSource(root, "workdir", int(step) if step else None)
+  if step:
+    raise ConfigError(f"init_from={spec!r}: '@step' needs a workdir with checkpoints/, "
+                      f"and {path!r} has none")
+  if (root / "config.json").is_file() and any(root.glob("*.safetensors*")):
+    return InitSource(root, "hf")
+  raise MissingPathError(f"init_from={spec!r} is neither a run workdir (with checkpoints/) nor "
+                         "an HF directory (config.json + *.safetensors); train SFT first, e.g. "
+                         "python scripts/train.py --config configs/sft.py:tiny")
+
+
+def uses_pretrained(model_cfg: ml_collections.ConfigDict) -> bool:
+  """`model.preset='hf'`: load the weights (and architecture) from `model.hf_path`."""
+  return model_cfg.preset == "hf"
+
+
+def check_model_choice(config: ml_collections.ConfigDict) -> None:
+  """Exactly one weight source: `init_from`, pretrained (`preset='hf'` + `hf_path`) or a random
+  init (a preset + overrides)."""
+  model_cfg = config.model
+  if config.get("init_from"):
+    if model_cfg.hf_path:
+      raise ConfigError(f"init_from={config.init_from!r} and model.hf_path={model_cfg.hf_path!r} "
+                        "are both set; the weights come from init_from, clear model.hf_path")
+    return
+  if uses_pretrained(model_cfg):
+    overridden = [f"model.{k}={model_cfg[k]}" for k in ARCH_OVERRIDES if model_cfg.get(k)]
+    if overridden:
+      raise ConfigError(f"{', '.join(overridden)} only apply to a random init, but "
+                        "model.preset='hf' takes the architecture from model.hf_path; set them "
+                        "to 0 or choose a random-init model.preset")
+    return
+  if model_cfg.preset not in PRESETS:
+    raise ConfigError(f"model.preset={model_cfg.preset!r} is unknown; expected 'hf' or one of "
+                      f"{sorted(PRESETS)}")
+  if model_cfg.hf_path:
+    raise ConfigError(f"model.preset={model_cfg.preset!r} (random init) and model.hf_path="
+                      f"{model_cfg.hf_path!r} (pretrained weights) are both set; use "
+                      "model.preset=hf to fine-tune the weights, or clear model.hf_path")
+
+
+def check_model_path(config: ml_collections.ConfigDict) -> None:
+  """Fails early (before loading data) when the weights to start from are not on disk."""
+  if config.get("init_from"):
+    parse_init_from(config.init_from)
+    return
+  model_cfg = config.model
+  if not uses_pretrained(model_cfg):
+    return
+  path = model_cfg.hf_path
+  if not path or not Path(path).joinpath("config.json").exists():
+    where = (f"model.hf_path={path!r} is not an HF checkpoint directory (no config.json)"
+             if path else "model.hf_path is empty")
+    raise MissingPathError(
+        f"{where}; model.preset='hf' fine-tunes pretrained weights, which must be downloaded "
+        f"first ({DEEPSEEK_URL}): huggingface-cli download deepseek-ai/DeepSeek-R1-Distill-"
+        "Qwen-1.5B --local-dir DIR, then pass --config.model.hf_path=DIR")
+
+
+# --- tokenizer -------------------------------------------------------------------------------
+
+
+def read_run_config(workdir: str | Path) -> ml_collections.ConfigDict:
+  """The resolved config a run wrote into its workdir."""
+  path = Path(workdir) / CONFIG_FILE
+  if not path.is_file():
+    raise MissingPathError(f"{path} not found: {workdir} is not a recllm_jax workdir")
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def _tokenizer_dir(config: ml_collections.ConfigDict, workdir: Path) -> Path | str | None:
+  """Where this run's tokenizer lives (None: train one on the catalog into the workdir)."""
+  if config.get("init_from"):
+    source = parse_init_from(config.init_from)
+    if source.kind == "hf":
+      return source.path
+    return _tokenizer_dir(read_run_config(source.path), source.path)
+  path = config.model.get("tokenizer_path") or config.model.hf_path
+  if path:
+    return path
+  local = workdir / TOKENIZER_DIR
+  return local if (local / "tokenizer.json").exists() else None
+
+
+def load_tokenizer(config: ml_collections.ConfigDict, workdir: str | Path, catalog: Any = None,
+                   extra_texts: Sequence[str] = ()):
+  """The tokenizer of `init_from`, `model.tokenizer_path` or `model.hf_path`, else a byte-level
+  BPE trained on the catalog texts plus `extra_texts` (e.g. rendered prompts, so the template
+  wording gets merged tokens too) and saved in the workdir (reloaded on resume, so token ids
+  never change under a checkpoint)."""
+  import transformers  # heavy; only needed here
+
+  workdir = Path(workdir)
+  path = _tokenizer_dir(config, workdir)
+  if path is not None:
+    return transformers.AutoTokenizer.from_pretrained(path)
+  if catalog is None:
+    raise MissingPathError(f"{workdir / TOKENIZER_DIR} has no tokenizer.json")
+  from recllm_jax.data.tokenizer import train_bpe_tokenizer
+
+  texts = [item.title for item in catalog] + [
+      str(v) for item in catalog for v in item.attributes.values() if isinstance(v, str)]
+  texts += list(extra_texts)
+  log.info("training a %d-token BPE tokenizer on %d catalog and prompt texts -> %s",
+           config.model.tokenizer_vocab_size, len(texts), workdir / TOKENIZER_DIR)
+  return train_bpe_tokenizer(texts, workdir / TOKENIZER_DIR,
+                             vocab_size=config.model.tokenizer_vocab_size)
+
+
+# --- model -----------------------------------------------------------------------------------
+
+
+def model_config(model_cfg: ml_collections.ConfigDict, vocab_size: int,
+                 **token_ids: int | None) -> Qwen2Config:
+  """The random-init architecture: `model.preset` + overrides, vocab matched to the tokenizer.
+
+  `token_ids` (bos/eos/pad_token_id) are recorded so an exported checkpoint generates and
+  stops like the tokenizer expects.
+  """
+  if model_cfg.preset not in PRESETS:
+    raise ConfigError(f"model.preset={model_cfg.preset!r} is unknown; expected one of "
+                      f"{sorted(PRESETS)}")
+  overrides = {k: model_cfg[k] for k in ARCH_OVERRIDES if model_cfg.get(k)}
+  return PRESETS[model_cfg.preset](
+      vocab_size=vocab_size, param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype,
+      remat=model_cfg.remat, **overrides, **token_ids)
+
+
+def _check_vocab(model: Qwen2ForCausalLM, tokenizer: Any, source: str) -> None:
+  if model.cfg.vocab_size < len(tokenizer):
+    raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model ({source}) only "
+                      f"{model.cfg.vocab_size} embeddings; use the model's own tokenizer")
+
+
+def restore_params(cfg: Qwen2Config, mesh: jax.sharding.Mesh, workdir: Path,
+                   step: int | None) -> Qwen2ForCausalLM:
+  """A `cfg` model holding a workdir's params at `step` (None = latest), restored straight into
+  their sharded layout; the checkpoint's optimizer state, RNG and data iterator stay on disk."""
+  import orbax.checkpoint as ocp
+
+  directory = (workdir / "checkpoints").absolute()
+  steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+  if not steps:
+    raise MissingPathError(f"{directory} holds no finished checkpoint")
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise ConfigError(f"{workdir}@{step}: no such checkpoint; saved steps are {steps}")
+  abstract = sharding.abstract_module(lambda: Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0)))
+  graphdef, params = nnx.split(abstract, nnx.Param)
+  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        params, sharding.logical_shardings(params, mesh))
+  restored = ocp.PyTreeCheckpointer().restore(
+      directory / str(step) / "state",
+      args=ocp.args.PyTreeRestore(
+          item={"params": target}, partial_restore=True,
+          restore_args={"params": ocp.checkpoint_utils.construct_restore_args(target)}))
+  log.info("restored the params of %s step %d", workdir, step)
+  return nnx.merge(graphdef, restored["params"])
+
+
+def _model_from_workdir(source: InitSource, run_model_cfg: ml_collections.ConfigDict,
+                        mesh: jax.sharding.Mesh, tokenizer: Any) -> Qwen2ForCausalLM:
+  """The architecture of a workdir's run (followed back through its own `init_from`), with
+  this run's dtypes and remat, holding the workdir's params."""
+  saved = read_run_config(source.path)
+  numerics = {k: run_model_cfg[k] for k in ("param_dtype", "dtype", "remat")}
+  root = saved
+  while root.get("init_from"):  # e.g. GRPO resumed from GRPO: the architecture is the root's
+    inner = parse_init_from(root.init_from)
+    if inner.kind == "hf":
+      cfg = _hf_config(inner.path, numerics)
+      break
+    root = read_run_config(inner.path)
+  else:
+    if uses_pretrained(root.model):
+      cfg = _hf_config(root.model.hf_path, numerics)
+    else:
+      cfg = model_config(ml_collections.ConfigDict({**root.model.to_dict(), **numerics}),
+                         len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+  return restore_params(cfg, mesh, source.path, source.step)
+
+
+def _hf_config(path: str | Path, numerics: dict[str, Any]) -> Qwen2Config:
+  return Qwen2Config.from_pretrained(path, **numerics)
+
+
+def _load_hf(path: str | Path, model_cfg: ml_collections.ConfigDict,
+             mesh: jax.sharding.Mesh) -> Qwen2ForCausalLM:
+  from recllm_jax.models.qwen2_hf import load_hf_model
+  return load_hf_model(path, dtype=model_cfg.param_dtype, mesh=mesh,
+                       compute_dtype=model_cfg.dtype, remat=model_cfg.remat)
+
+
+def build_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                tokenizer: Any) -> Qwen2ForCausalLM:
+  """The model a run starts from (see the module docstring), sharded over `mesh`."""
+  model_cfg = config.model
+  if config.get("init_from"):
+    source = parse_init_from(config.init_from)
+    model = (_load_hf(source.path, model_cfg, mesh) if source.kind == "hf" else
+             _model_from_workdir(source, model_cfg, mesh, tokenizer))
+    _check_vocab(model, tokenizer, f"init_from={config.init_from!r}")
+    return model
+  if uses_pretrained(model_cfg):
+    model = _load_hf(model_cfg.hf_path, model_cfg, mesh)
+    _check_vocab(model, tokenizer, f"model.hf_path={model_cfg.hf_path!r}")
+    return model
+  cfg = model_config(model_cfg, len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+  return sharding.create_sharded(lambda: Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(config.seed)),
+                                 mesh)
+
+
+def load_checkpoint(workdir: str | Path, step: int | None = None, *,
+                    mesh: jax.sharding.Mesh | None = None
+                    ) -> tuple[Qwen2ForCausalLM, Any, ml_collections.ConfigDict]:
+  """(model, tokenizer, config) of a trained workdir at `step` (None = latest): params only,
+  no optimizer state and no data iterator. `mesh` defaults to all devices on `fsdp`."""
+  workdir = Path(workdir)
+  config = read_run_config(workdir)
+  mesh = mesh or sharding.make_mesh()
+  tokenizer = load_tokenizer(config, workdir)
+  model = _model_from_workdir(InitSource(workdir, "workdir", step), config.model, mesh, tokenizer)
+  return model, tokenizer, config
+
+
+__all__ = ["ARCH_OVERRIDES", "CONFIG_FILE", "DEEPSEEK_URL", "InitSource", "TOKENIZER_DIR",
+           "build_model", "check_model_choice", "check_model_path", "load_checkpoint",
+           "load_tokenizer", "model_config", "parse_init_from", "read_run_config",
+           "restore_params", "uses_pretrained"]

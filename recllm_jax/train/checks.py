@@ -1,0 +1,134 @@
+"""Start-up checks of a run config: everything a user can get wrong, caught before any data,
+weights or compiles load, as `UserError`s that name the config keys."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import ml_collections
+
+from recllm_jax import sharding
+from recllm_jax.errors import ConfigError, MissingPathError
+from recllm_jax.train import build
+
+# Config keys holding paths (at any depth): `~` and `$VAR` are expanded in them.
+_PATH_KEYS = ("workdir", "dir", "path", "init_from")
+_PATH_SUFFIXES = ("_dir", "_path", "_file")
+
+
+def _is_path_key(name: str) -> bool:
+  return name in _PATH_KEYS or name.endswith(_PATH_SUFFIXES)
+
+
+def expand_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `config` with `~` and `$VAR` / `${VAR}` expanded in every path key.
+
+  Path keys are `workdir`, `dir`, `path`, `init_from` and any `*_dir`, `*_path`, `*_file`, at
+  any depth (`data.dir`, `model.hf_path`, `model.tokenizer_path`, ...). The shell does not expand
+  `~` inside `--config.model.hf_path=~/models/x`, so without this such paths would not exist.
+  """
+  config = config.copy_and_resolve_references()
+
+  def visit(node: ml_collections.ConfigDict, prefix: str) -> None:
+    for key, value in list(node.items()):
+      if isinstance(value, ml_collections.ConfigDict):
+        visit(value, f"{prefix}{key}.")
+      elif isinstance(value, str) and value and _is_path_key(key):
+        expanded = os.path.expandvars(os.path.expanduser(value))
+        unset = re.search(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", expanded)
+        if unset:
+          raise ConfigError(f"{prefix}{key}={value!r}: environment variable "
+                            f"{unset.group(1)} is not set")
+        node[key] = expanded
+
+  visit(config, "")
+  return config
+
+
+def check_every_keys(config: ml_collections.ConfigDict) -> None:
+  """Every `*_every` key (log, eval, checkpoint, ...) is a step interval >= 0; 0 means never."""
+
+  def visit(node: ml_collections.ConfigDict, prefix: str) -> None:
+    for key, value in node.items():
+      if isinstance(value, ml_collections.ConfigDict):
+        visit(value, f"{prefix}{key}.")
+      elif key.endswith("_every") and (not isinstance(value, int) or value < 0):
+        raise ConfigError(f"{prefix}{key}={value!r} must be a step interval >= 0 (0 = never)")
+
+  visit(config, "")
+
+
+def is_due(step: int, every: int) -> bool:
+  """Whether a `*_every` action runs after `step`: every `every` steps; `every=0` never."""
+  return every > 0 and step % every == 0
+
+
+def check_batch_split(rows: tuple[str, int], factors: Sequence[tuple[str, int]]) -> None:
+  """Raises ConfigError unless `rows` splits evenly into the product of `factors`.
+
+  Args:
+    rows: (what, count) of the global batch rows, e.g. `("train.batch_size", 32)`; a trainer
+      whose rows are derived names the product, e.g. `("train.batch_size x
+      grpo.num_generations", 64)`.
+    factors: (description, size) of everything the rows are divided by, e.g. from
+      `batch_factors`: the batch mesh axes and `train.grad_accum_steps`. The descriptions
+      appear verbatim in the message (`"train.grad_accum_steps=4"`).
+  """
+  name, count = rows
+  total = math.prod(size for _, size in factors)
+  if count <= 0 or count % total:
+    parts = " x ".join(description for description, _ in factors)
+    raise ConfigError(f"{name}={count} must be a positive multiple of {parts} = {total} "
+                      "(every micro-batch is split evenly over the batch devices)")
+
+
+def batch_factors(config: ml_collections.ConfigDict,
+                  mesh: jax.sharding.Mesh) -> list[tuple[str, int]]:
+  """(description, size) of the batch mesh axes (-1 resolved) and `train.grad_accum_steps`."""
+  factors = []
+  for axis in ("data", "fsdp"):
+    size = mesh.shape[axis]
+    note = " (-1: the remaining devices)" if config.mesh[axis] == -1 else ""
+    factors.append((f"mesh.{axis}={size}{note}", size))
+  accum = config.train.grad_accum_steps
+  return factors + [(f"train.grad_accum_steps={accum}", accum)]
+
+
+def check_paths(config: ml_collections.ConfigDict) -> None:
+  """Input paths named by the config exist (the workdir and synthetic data are created)."""
+  build.check_model_path(config)
+  if config.model.tokenizer_path and not Path(config.model.tokenizer_path).exists():
+    raise MissingPathError(f"model.tokenizer_path={config.model.tokenizer_path!r} does not exist")
+  if (config.data.dir and config.data.format != "synthetic"
+      and not Path(config.data.dir).is_dir()):
+    raise MissingPathError(f"data.dir={config.data.dir!r} is not a directory "
+                           f"(data.format={config.data.format!r})")
+
+
+def check_config(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  """All start-up checks; returns the mesh. Nothing slow (data, weights, compiles) runs first."""
+  check_every_keys(config)
+  if config.train.grad_accum_steps < 1:
+    raise ConfigError(f"train.grad_accum_steps={config.train.grad_accum_steps} must be >= 1")
+  build.check_model_choice(config)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  check_batch_split(batch_rows(config), batch_factors(config, mesh))
+  check_paths(config)
+  return mesh
+
+
+def batch_rows(config: ml_collections.ConfigDict) -> tuple[str, int]:
+  """(what, count) of the rows one update sees: sequences for SFT; for GRPO prompts x G."""
+  if config.get("grpo") is not None:
+    return ("train.batch_size x grpo.num_generations",
+            config.train.batch_size * config.grpo.num_generations)
+  return ("train.batch_size", config.train.batch_size)
+
+
+__all__ = ["batch_factors", "batch_rows", "check_batch_split", "check_config",
+           "check_every_keys", "check_paths", "expand_paths", "is_due"]

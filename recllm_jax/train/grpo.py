@@ -1,0 +1,462 @@
+"""GRPO, stage two of RecLLM-R1: group rollouts, composite rewards, clipped KL-penalised updates.
+
+One GRPO step (`GrpoTask.step`), all on the current params:
+
+    prompts  = next(data)                          # P prompts (Grain, host numpy)
+    rollout  = G completions per prompt            # jitted decoder; each prompt prefilled once
+    rewards  = parse -> ground -> score            # host, `recllm_jax.rec`
+    A        = ADVANTAGES[grpo.advantage](rewards) # group-normalised
+    old, ref = chunked log-probs                   # jitted forward, never a [rows, T, V] array
+    repeat grpo.num_iterations (mu) times: state = update(state, rollout batch)
+
+Which log-probs are "old", and how sampling masks enter the ratio:
+  The ratio is exp(logp - old_logp) where both are log-softmax(logits / temperature) over the
+  FULL vocabulary, computed by the same chunked forward as the loss (`token_logprobs`). `old` is
+  that forward at the rollout params (the params before the first of the mu updates), so the
+  first update after a rollout has ratio exactly 1 in every rollout mode (with mu = 1 it is
+  `stop_gradient(logp)`, which also saves the forward). Sampling-time truncations (top-k, top-p,
+  the catalog trie in `cot_constrained` / `beam`) are NOT applied to either side: they restrict
+  which tokens can be drawn, and a drawn token always has non-zero probability under the full
+  softmax, so the ratio stays finite; this is also what TRL does. The decoder's own
+  `GenerateOutput.logprobs` (under the truncated distribution) are only logged.
+The reference model (for the k3 KL term) is a frozen copy of the initial policy (`init_from`),
+held only when `grpo.beta > 0`; its size is logged at start-up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from recllm_jax import buckets
+from recllm_jax import constraints as cons
+from recllm_jax import decoding
+from recllm_jax.data import pipeline
+from recllm_jax.errors import ConfigError
+from recllm_jax.train import advantages as adv_lib
+from recllm_jax.train import logprobs as logprobs_lib
+from recllm_jax.train import policy_loss
+
+log = logging.getLogger(__name__)
+
+ROLLOUTS = ("cot", "cot_constrained", "beam")
+
+
+# --- prompts -----------------------------------------------------------------------------------
+
+
+def collate_prompts(rows: Sequence[tuple[int, Sequence[int]]], pad_id: int) -> pipeline.Batch:
+  """(example index, prompt ids) rows -> prompts left-padded to the decoder's prefill bucket.
+
+  Left padding puts every prompt's last token in the same column, where decoding starts; the
+  bucket is the one `generate` pads to anyway (`buckets.geometric_bucket`), so few programs.
+  """
+  length = buckets.geometric_bucket(max(len(ids) for _, ids in rows))
+  ids = np.full((len(rows), length), pad_id, np.int32)
+  mask = np.zeros((len(rows), length), np.int32)
+  for r, (_, prompt) in enumerate(rows):
+    ids[r, length - len(prompt):] = prompt
+    mask[r, length - len(prompt):] = 1
+  return {"input_ids": ids, "attention_mask": mask,
+          "example_index": np.asarray([i for i, _ in rows], np.int32)}
+
+
+# --- rollouts -> training rows -----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Rollout:
+  """G completions per prompt, host numpy; row p * G + g is sample g of prompt p.
+
+  tokens: [N, M] completion tokens (pad after the end). lengths: [N] tokens incl. the EOS.
+  truncated: [N] the completion hit max_new_tokens without an EOS.
+  """
+
+  tokens: np.ndarray
+  lengths: np.ndarray
+  truncated: np.ndarray
+
+
+def training_rows(prompt_ids: np.ndarray, prompt_mask: np.ndarray, rollout: Rollout,
+                  group_size: int, length_multiple: int = 32) -> pipeline.Batch:
+  """Prompts [P, Tp] (left-padded) + completions [N, M] -> next-token rows for the update.
+
+  Layout as the SFT pipeline (`input_ids`, `attention_mask`, `targets`, `loss_mask`), so one
+  model forward serves both tasks: row n is prompt n // G followed by its completion; position
+  Tp - 1 + j predicts completion token j; only completion tokens (EOS included) are trained.
+  Completions are cut to the longest one, rounded up to `length_multiple` (few compiled shapes).
+  """
+  n, m = rollout.tokens.shape
+  keep = min(m, buckets.round_up(max(int(rollout.lengths.max()), 1), length_multiple))
+  completion = rollout.tokens[:, :keep]  # [N, M']
+  completion_mask = np.arange(keep)[None, :] < rollout.lengths[:, None]  # [N, M']
+  prompt_ids = np.repeat(prompt_ids, group_size, axis=0)  # [N, Tp]
+  prompt_mask = np.repeat(prompt_mask, group_size, axis=0)
+  ids = np.concatenate([prompt_ids, completion], axis=1)  # [N, Tp + M']
+  mask = np.concatenate([prompt_mask.astype(bool), completion_mask], axis=1)
+  tp = prompt_ids.shape[1]
+  loss_mask = np.zeros((n, tp + keep - 1), np.float32)
+  loss_mask[:, tp - 1:] = completion_mask
+  return {"input_ids": ids[:, :-1].astype(np.int32), "attention_mask": mask[:, :-1].astype(np.int32),
+          "targets": ids[:, 1:].astype(np.int32), "loss_mask": loss_mask}
+
+
+# --- the loss ----------------------------------------------------------------------------------
+
+
+def grpo_loss_fn(model: Any, batch: Mapping[str, jax.Array], rng: jax.Array, *,
+                 gc: ml_collections.ConfigDict, logits_chunk_size: int
+                 ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+  """`optim.LossFn` of a GRPO update over rollout rows (`training_rows` + advantages).
+
+  `old_logp` is absent when mu = 1 (then it is `stop_gradient(logp)`); `ref_logp` when beta = 0.
+  """
+  del rng
+  logp, entropy = logprobs_lib.model_token_logprobs(
+      model, batch["input_ids"], batch["attention_mask"], batch["targets"],
+      chunk_size=logits_chunk_size, temperature=gc.temperature, with_entropy=True)  # [N, T] x2
+  return policy_loss.policy_loss_terms(
+      logp, batch.get("old_logp"), batch.get("ref_logp"), batch["advantages"],
+      batch["loss_mask"], loss_type=gc.loss_type, epsilon_low=float(gc.epsilon_low),
+      epsilon_high=float(gc.epsilon_high), beta=float(gc.beta),
+      max_completion_length=gc.max_new_tokens, entropy=entropy,
+      entropy_coef=float(gc.entropy_coef))
+
+
+def make_logprob_fn(graphdef: Any, *, temperature: float, logits_chunk_size: int):
+  """Jitted `params, rows -> logp [N, T]` under the loss's own arithmetic (old / ref log-probs)."""
+  from flax import nnx
+
+  @jax.jit
+  def logprob_fn(params, rows):
+    model = nnx.merge(graphdef, params)
+    return logprobs_lib.model_token_logprobs(
+        model, rows["input_ids"], rows["attention_mask"], rows["targets"],
+        chunk_size=logits_chunk_size, temperature=temperature)
+
+  return logprob_fn
+
+
+# --- the task ----------------------------------------------------------------------------------
+
+
+SAMPLES_FILE = "samples.txt"
+
+
+class GrpoTask:
+  """Prompts, rollouts, rewards and the GRPO update; the train loop does the rest.
+
+  Attributes:
+    tokenizer: the policy's tokenizer (from `init_from`).
+    dataset: the loaded `RecDataset` (train prompts; held-out `valid` prompts for `val_reward`).
+    updates_per_step: mu optimizer updates per loop step (the LR schedule counts updates).
+  """
+
+  name = "grpo"
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path):
+    from recllm_jax.data.loading import load_dataset
+    from recllm_jax.data.prompts import PromptConfig
+    from recllm_jax.rec import Grounder, RewardContext, BusinessRule
+    from recllm_jax.train import build
+    from recllm_jax.train.sft import data_dir
+
+    self.config = config
+    self.workdir = Path(workdir)
+    gc = self.gc = config.grpo
+    if gc.rollout not in ROLLOUTS:
+      raise ConfigError(f"grpo.rollout={gc.rollout!r}; expected one of {ROLLOUTS}")
+    adv_lib.get_advantage_fn(gc.advantage)
+    policy_loss.get_loss_aggregation(gc.loss_type)
+    self.updates_per_step = int(gc.num_iterations)
+    self.dataset = load_dataset(data_dir(config, self.workdir), config.data.format,
+                                on_bad_data=config.data.on_bad_data, seed=config.seed)
+    self.tokenizer = build.load_tokenizer(config, self.workdir, self.dataset.catalog)
+    self.prompt_cfg = PromptConfig(**config.data.prompt.to_dict())
+    rule = None
+    b = config.business
+    if b.attribute or b.item_file:
+      rule = (BusinessRule.from_file(b.item_file, boost=b.boost, catalog=self.dataset.catalog,
+                                     attribute=b.attribute, value=b.value) if b.item_file else
+              BusinessRule(attribute=b.attribute, value=b.value, boost=b.boost))
+    self.reward_ctx = RewardContext.from_dataset(self.dataset, k=config.reward_k,
+                                                 business_rule=rule)
+    self.grounder = Grounder(self.dataset.catalog, popularity=self.reward_ctx.popularity,
+                             fuzzy_cutoff=gc.fuzzy_cutoff or None)
+    self.reward_weights = dict(config.rewards.to_dict())
+    self.reward_paths = dict(config.reward_fns.to_dict())
+    self.item_ids = [item.item_id for item in self.dataset.catalog]
+    self._prompt_cache: dict[tuple[str, int], tuple[str, list[int]]] = {}
+    self._trie = None
+    if jax.process_index() == 0:
+      self._write_prompts(self.workdir / "train_examples.txt")
+
+  # -- prompts --------------------------------------------------------------------------------
+
+  def prompt(self, split: str, index: int) -> tuple[str, list[int]]:
+    """(prompt text, its token ids) of example `index` of `split` (beam mode adds the answer
+    prefix, so that beams start at the first title)."""
+    key = (split, index)
+    if key not in self._prompt_cache:
+      from recllm_jax.data.prompts import build_prompt, direct_answer_prefix, prompt_opens_think
+      from recllm_jax.data.tokenizer import encode_prompt
+      example = self.dataset.split(split)[index]
+      text = build_prompt(example, self.dataset.catalog, self.tokenizer, self.prompt_cfg)
+      if self.gc.rollout == "beam":
+        text += direct_answer_prefix(prompt_opens_think(text))
+      self._prompt_cache[key] = (text, encode_prompt(self.tokenizer, text))
+    return self._prompt_cache[key]
+
+  def _write_prompts(self, path: Path, count: int = 8) -> None:
+    from recllm_jax.data.pipeline import format_prompts
+    path.write_text(format_prompts([self.prompt("train", i)[1]
+                                    for i in range(min(count, len(self.dataset.train)))],
+                                   self.tokenizer))
+
+  def train_iterator(self) -> grain.DatasetIterator:
+    """Shuffled, repeated batches of `train.batch_size` prompts (a Grain map dataset)."""
+    pad = pipeline.pad_id(self.tokenizer)
+    batch_size = self.config.train.batch_size // jax.process_count()
+    ds = (pipeline.process_slice(list(range(len(self.dataset.train))))
+          .shuffle(seed=self.config.seed).repeat(None)
+          .map(lambda i: (i, self.prompt("train", i)[1]))
+          .batch(batch_size, drop_remainder=True,
+                 batch_fn=lambda rows: collate_prompts(rows, pad)))
+    return pipeline.make_iterator(ds, self.config.data.prefetch_threads)
+
+  # -- set-up by the loop ---------------------------------------------------------------------
+
+  def setup(self, run: Any) -> None:
+    """Builds the jitted update, the log-prob forward and (beta > 0) the frozen reference."""
+    from recllm_jax.train import optim
+
+    gc, tc = self.gc, self.config.train
+    self.run = run
+    chunk = tc.logits_chunk_size
+    loss_fn = lambda model, batch, rng: grpo_loss_fn(model, batch, rng, gc=gc,
+                                                     logits_chunk_size=chunk)
+    self.update = optim.make_train_step(run.graphdef, run.optimizer, loss_fn, run.schedule,
+                                        tc.grad_accum_steps, run.state_sharding)
+    self.logprob_fn = make_logprob_fn(run.graphdef, temperature=gc.temperature,
+                                      logits_chunk_size=chunk)
+    self.ref_params = None
+    if gc.beta > 0:
+      # A copy, not an alias: the train state's buffers are donated to every update.
+      self.ref_params = jax.tree.map(jnp.copy, run.initial_params)
+      nbytes = sum(x.nbytes for x in jax.tree.leaves(self.ref_params))
+      log.info("reference model (beta=%g): %.1f MB held (frozen copy of init_from)",
+               gc.beta, nbytes / 2**20)
+
+  # -- one step -------------------------------------------------------------------------------
+
+  def _constraint(self, num_items: int, history: np.ndarray | None):
+    if self._trie is None:
+      self._trie = cons.ItemTrie.from_titles(
+          [item.title for item in self.dataset.catalog], self.tokenizer,
+          vocab_size=self.run.vocab_size)
+    delim = self.tokenizer.encode(self.prompt_cfg.item_delimiter, add_special_tokens=False)
+    return cons.CatalogConstraint(self._trie, eos_token_id=self.tokenizer.eos_token_id,
+                                  num_items=num_items, delimiter=tuple(delim), history=history)
+
+  def rollout(self, params: Any, batch: pipeline.Batch, rng: jax.Array, *,
+              greedy: bool = False, num_generations: int | None = None) -> Rollout:
+    """G completions per prompt in `batch` under `params` (host numpy result)."""
+    from flax import nnx
+
+    gc = self.gc
+    g = num_generations or gc.num_generations
+    model = nnx.merge(self.run.graphdef, params)
+    eos, pad = self.tokenizer.eos_token_id, pipeline.pad_id(self.tokenizer)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    m = gc.max_new_tokens
+    with jax.set_mesh(self.run.mesh):
+      if gc.rollout == "beam":
+        out = decoding.beam_search(model, ids, mask, constraint=self._constraint(1, None),
+                                   num_beams=g, num_return=g, max_new_tokens=m,
+                                   eos_token_id=eos, pad_token_id=pad)
+        tokens = np.asarray(out.tokens).reshape(-1, m)
+        lengths = np.asarray(out.lengths).reshape(-1)
+        lengths = np.where(np.isfinite(np.asarray(out.scores)).reshape(-1), lengths, 0)
+      else:
+        kwargs = {}
+        if gc.rollout == "cot_constrained":
+          kwargs = self._answer_trigger()
+        out = decoding.generate(model, ids, mask, max_new_tokens=m, rng=rng,
+                                temperature=0.0 if greedy else gc.temperature,
+                                top_k=gc.top_k, top_p=gc.top_p, eos_token_id=eos,
+                                pad_token_id=pad, num_samples=g, **kwargs)
+        tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    last = tokens[np.arange(len(tokens)), np.maximum(lengths - 1, 0)]
+    truncated = (lengths >= m) & (last != eos)
+    return Rollout(tokens=tokens, lengths=lengths.astype(np.int32), truncated=truncated)
+
+  def _answer_trigger(self) -> dict[str, Any]:
+    from recllm_jax.data.prompts import ANSWER_CLOSE, ANSWER_OPEN
+    enc = lambda s: tuple(self.tokenizer.encode(s, add_special_tokens=False))
+    d = self.prompt_cfg.item_delimiter
+    return {"constraint": self._constraint(self.gc.answer_items, None),
+            "constraint_trigger": enc(ANSWER_OPEN + d), "constraint_close": enc(d + ANSWER_CLOSE)}
+
+  def score(self, split: str, indices: Sequence[int], rollout: Rollout, group_size: int,
+            group_ranks: np.ndarray | None = None):
+    """Host: decode -> parse -> ground -> composite reward. Returns (samples, total [N],
+    components {name: [N]}, reason counts)."""
+    from recllm_jax.data.prompts import parse_completion, prompt_opens_think
+    from recllm_jax.rec import build_samples, composite_rewards
+
+    eos = self.tokenizer.eos_token_id
+    texts, parsed = [], []
+    for row, (tokens, length) in enumerate(zip(rollout.tokens, rollout.lengths)):
+      tokens = tokens[:length]
+      if length and tokens[-1] == eos:
+        tokens = tokens[:-1]
+      text = self.tokenizer.decode(tokens, skip_special_tokens=False)
+      prompt = self.prompt(split, indices[row // group_size])[0]
+      texts.append(text)
+      parsed.append(parse_completion(text, self.prompt_cfg,
+                                     think_open=prompt_opens_think(prompt)))
+    examples = [self.dataset.split(split)[i] for i in indices]
+    samples = build_samples(examples, texts, parsed, self.grounder, group_size=group_size,
+                            group_ranks=group_ranks)
+    total, components, reasons = composite_rewards(samples, self.reward_weights,
+                                                   self.reward_ctx, self.reward_paths)
+    return samples, total, components, reasons
+
+  def step(self, state: Any, batch: pipeline.Batch) -> tuple[Any, dict[str, Any], "Work"]:
+    """Rollout -> rewards -> advantages -> mu updates (see the module docstring)."""
+    from recllm_jax.train.loop import Work
+
+    gc, g, run = self.gc, self.gc.num_generations, self.run
+    t0 = time.perf_counter()
+    rng, rollout_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
+    state = state.replace(rng=jax.random.key_data(rng))  # checkpointed: resumes replay rollouts
+    rollout = self.rollout(state.params, batch, rollout_rng)
+    t1 = time.perf_counter()
+    indices = [int(i) for i in batch["example_index"]]
+    ranks = None
+    if gc.rollout == "beam":  # beams come best first
+      ranks = np.tile(np.arange(g), len(indices))
+    samples, total, components, reasons = self.score("train", indices, rollout, g, ranks)
+    advantages, adv_stats = adv_lib.compute_advantages(
+        jnp.asarray(total, jnp.float32), g, estimator=gc.advantage)
+    t2 = time.perf_counter()
+
+    rows = training_rows(batch["input_ids"], batch["attention_mask"], rollout, g)
+    work = self._work(batch, rows, rollout)
+    if gc.mask_truncated_completions:
+      rows["loss_mask"] = rows["loss_mask"] * ~rollout.truncated[:, None]
+    rows["advantages"] = np.asarray(advantages, np.float32)
+    rows = pipeline.to_global(rows, run.mesh)
+    with jax.set_mesh(run.mesh):
+      if self.updates_per_step > 1:
+        rows["old_logp"] = self.logprob_fn(state.params, rows)
+      if self.ref_params is not None:
+        rows["ref_logp"] = self.logprob_fn(self.ref_params, rows)
+      updates = []
+      for _ in range(self.updates_per_step):
+        state, m = self.update(state, rows)
+        updates.append(jax.device_get(m))
+    t3 = time.perf_counter()
+
+    metrics: dict[str, Any] = {k: float(np.mean([u[k] for u in updates])) for k in updates[0]}
+    metrics["loss"], metrics["grad_norm"] = float(updates[-1]["loss"]), float(updates[-1]["grad_norm"])
+    # The first update after a rollout must see ratio 1 (old = rollout policy): logged to check.
+    metrics["ratio_dev_first"] = float(updates[0]["ratio_dev"])
+    metrics.update({
+        "reward": float(np.mean(total)),
+        **{f"reward/{k}": float(np.mean(v)) for k, v in components.items()},
+        "completion_len": float(np.mean(rollout.lengths)),
+        "frac_truncated": float(np.mean(rollout.truncated)),
+        "frac_zero_std": float(adv_stats["frac_zero_std"]),
+        "frac_valid": float(np.mean([s.scorable for s in samples])),
+        **{f"parse/{k}": int(v) for k, v in reasons.items()},
+        "time_rollout": t1 - t0, "time_reward": t2 - t1, "time_update": t3 - t2,
+        "time_step": time.perf_counter() - t0,
+    })
+    step = int(jax.device_get(state.step)) // self.updates_per_step
+    if gc.samples_every and step % gc.samples_every == 0:
+      self._log_samples(step, indices, samples, total, components)
+    return state, metrics, work
+
+  def _work(self, batch: pipeline.Batch, rows: pipeline.Batch, rollout: Rollout) -> "Work":
+    """Trained tokens and the step's model FLOPs: rollout (prefill once per prompt + one
+    forward per generated token), the old/ref forwards and mu forward+backward passes."""
+    from recllm_jax.train import metrics as metrics_lib
+    from recllm_jax.train.loop import Work
+
+    cfg = self.run.model_cfg
+    n = metrics_lib.matmul_params(cfg)
+    trained = int(rows["attention_mask"].sum())
+    seq = rows["input_ids"].shape[1]
+    rollout_tokens = int(batch["attention_mask"].sum()) + int(rollout.lengths.sum())
+    forwards = (self.updates_per_step > 1) + (self.ref_params is not None)
+    flops = (2.0 * n * rollout_tokens
+             + trained * forwards * metrics_lib.flops_per_token(cfg, seq) / 3
+             + trained * self.updates_per_step * metrics_lib.flops_per_token(cfg, seq))
+    return Work(tokens=trained * self.updates_per_step, flops=flops)
+
+  def _log_samples(self, step: int, indices: Sequence[int], samples: Sequence[Any],
+                   total: np.ndarray, components: Mapping[str, np.ndarray]) -> None:
+    """Appends the first prompts' completions, parsed items and rewards to samples.txt and
+    TensorBoard (text)."""
+    g = self.gc.num_generations
+    blocks = []
+    for p, index in enumerate(indices[:self.gc.num_samples_logged]):
+      row = p * g
+      s = samples[row]
+      parts = ", ".join(f"{k}={v[row]:.3f}" for k, v in components.items())
+      target = ", ".join(self.dataset.catalog[t].title for t in s.example.targets)
+      blocks.append(
+          f"=== step {step} | prompt {index} | reward {total[row]:.3f} ({parts})\n"
+          f"--- prompt\n{self.prompt('train', index)[0]}\n--- completion\n{s.completion}\n"
+          f"--- parsed: {list(s.titles)} -> {list(s.item_ids)} ({s.reason})\n"
+          f"--- target: {target}\n")
+    text = "\n".join(blocks)
+    if jax.process_index() == 0:
+      with open(self.workdir / SAMPLES_FILE, "a") as f:
+        f.write(text + "\n")
+      self.run.writer.write_text("samples", text, step)
+
+  # -- evaluation -----------------------------------------------------------------------------
+
+  def evaluate(self, state: Any) -> dict[str, float]:
+    """Held-out mean reward: one greedy completion for each of the first `grpo.eval_prompts`
+    valid examples (empty without a valid split)."""
+    split = "valid"
+    count = min(self.gc.eval_prompts, len(self.dataset.valid))
+    if not count:
+      return {}
+    pad = pipeline.pad_id(self.tokenizer)
+    size = self.config.train.batch_size * self.gc.num_generations  # a row count the mesh takes
+    totals, comps, valid = [], {}, []
+    for start in range(0, count, size):
+      indices = list(range(start, min(start + size, count)))
+      padded = indices + [indices[-1]] * (size - len(indices))
+      batch = collate_prompts([(i, self.prompt(split, i)[1]) for i in padded], pad)
+      rollout = self.rollout(state.params, batch, jax.random.key(0), greedy=True,
+                             num_generations=1)
+      keep = len(indices)
+      rollout = Rollout(rollout.tokens[:keep], rollout.lengths[:keep], rollout.truncated[:keep])
+      samples, total, components, _ = self.score(split, indices, rollout, 1)
+      totals.append(total)
+      valid += [s.scorable for s in samples]
+      for k, v in components.items():
+        comps.setdefault(k, []).append(v)
+    out = {"val_reward": float(np.mean(np.concatenate(totals))),
+           "val_frac_valid": float(np.mean(valid))}
+    out.update({f"val_reward/{k}": float(np.mean(np.concatenate(v))) for k, v in comps.items()})
+    return out
+
+
+__all__ = ["GrpoTask", "ROLLOUTS", "Rollout", "SAMPLES_FILE", "collate_prompts", "grpo_loss_fn",
+           "make_logprob_fn", "training_rows"]

@@ -1,0 +1,209 @@
+"""GRPO policy loss over completion tokens, in the (sum, weight) form of `optim.LossFn`.
+
+Per completion token t of row i (A_i the row's advantage, r = exp(logp - old_logp)):
+
+    surrogate = min(r * A_i, clip(r, 1 - epsilon_low, 1 + epsilon_high) * A_i)
+    kl        = exp(ref - logp) - (ref - logp) - 1         (k3 estimator, >= 0; Schulman 2020)
+    l_it      = -surrogate + beta * kl - entropy_coef * entropy
+
+The kl term is skipped when beta == 0 or `ref_logp` is None, the entropy term when
+`entropy` is None or entropy_coef == 0. With `old_logp=None` the old policy is the current one
+under `stop_gradient` (one update per rollout: r == 1, gradient A * dlogp).
+
+Aggregation (`loss_type`, TRL GRPOTrainer definitions; m the completion mask, n_i = sum_t m_it,
+N rows, L = max_completion_length). Each returns (loss_sum, weight); `optim.make_train_step`
+sums both over gradient-accumulation micro-batches and divides, which gives:
+
+| loss_type | TRL formula                                 | loss_sum                      | weight |
+|-----------|---------------------------------------------|-------------------------------|--------|
+| "grpo"    | mean_i (sum_t l_it m_it / max(n_i, 1))      | sum_i sum_t l m / max(n_i, 1) | N      |
+| "bnpo"    | sum_it l m / max(sum_it m, 1) (local batch) | that local mean               | 1      |
+| "dr_grpo" | sum_it l m / (N * L)                        | sum_it l m                    | N * L  |
+| "dapo"    | sum_it l m / (tokens of the global batch)   | sum_it l m                    | sum m  |
+
+"grpo", "dr_grpo" and "dapo" are therefore exactly the one-big-batch loss under any
+accumulation split. "bnpo" normalises by the tokens of each micro-batch and averages the
+micro-batch losses (TRL's bnpo with gradient accumulation); use "dapo" for the global token
+mean. "grpo" and "dr_grpo" count rows with no tokens (masked truncations) in N, as TRL does.
+
+Metrics come back as aux sums that, divided by the same total weight, give per-token means:
+each is `weight * (masked token sum / max(tokens, 1))` of the micro-batch. That is exact for a
+single micro-batch and for "dapo"; otherwise it is the weight-weighted mean of the micro-batch
+token means (TRL logs the mean of per-step means):
+
+* `pg_loss`: -surrogate aggregated like the loss (so pg_loss = loss when beta == entropy_coef == 0)
+* `kl`: mean k3 KL vs the reference (whenever `ref_logp` is given, even with beta == 0)
+* `clip_frac_low` / `clip_frac_high` / `clip_frac`: fraction of tokens where the min picks the
+  clipped branch and the gradient is cut: r < 1 - epsilon_low with A < 0 / r > 1 + epsilon_high
+  with A > 0 / either (TRL's is_low_clipped, is_high_clipped, is_region_clipped). Tokens
+  outside the interval on the other side keep the unclipped branch and are not counted.
+* `ratio`: mean r; `ratio_dev`: mean |r - 1|; `entropy`: mean entropy (when `entropy` is given).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+# (per-token loss [N, T] (already 0 off the mask), mask [N, T] float32, L) -> (loss_sum, weight)
+AggregationFn = Callable[[jax.Array, jax.Array, "int | None"], tuple[jax.Array, jax.Array]]
+LOSS_AGGREGATIONS: dict[str, AggregationFn] = {}
+
+
+def register_loss_aggregation(name: str) -> Callable[[AggregationFn], AggregationFn]:
+  """Registers `fn(per_token, mask, max_completion_length) -> (loss_sum, weight)`."""
+
+  def register(fn: AggregationFn) -> AggregationFn:
+    if name in LOSS_AGGREGATIONS:
+      raise ValueError(f"loss aggregation {name!r} is already registered")
+    LOSS_AGGREGATIONS[name] = fn
+    return fn
+
+  return register
+
+
+def get_loss_aggregation(name: str) -> AggregationFn:
+  """The registered aggregation `name` (the `loss_type`); a clear error lists the known ones."""
+  try:
+    return LOSS_AGGREGATIONS[name]
+  except KeyError:
+    raise ValueError(f"unknown loss_type {name!r}; known: {sorted(LOSS_AGGREGATIONS)}") from None
+
+
+@register_loss_aggregation("grpo")
+def _sequence_mean(per_token: jax.Array, mask: jax.Array,
+                   max_completion_length: int | None) -> tuple[jax.Array, jax.Array]:
+  del max_completion_length
+  per_row = jnp.sum(per_token, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)  # [N]
+  return jnp.sum(per_row), jnp.asarray(per_token.shape[0], jnp.float32)
+
+
+@register_loss_aggregation("bnpo")
+def _local_token_mean(per_token: jax.Array, mask: jax.Array,
+                      max_completion_length: int | None) -> tuple[jax.Array, jax.Array]:
+  del max_completion_length
+  return jnp.sum(per_token) / jnp.maximum(jnp.sum(mask), 1.0), jnp.ones((), jnp.float32)
+
+
+@register_loss_aggregation("dr_grpo")
+def _constant_normalizer(per_token: jax.Array, mask: jax.Array,
+                         max_completion_length: int | None) -> tuple[jax.Array, jax.Array]:
+  del mask
+  if max_completion_length is None or max_completion_length < 1:
+    raise ValueError("loss_type='dr_grpo' needs max_completion_length >= 1 (its normaliser is "
+                     f"N * max_completion_length), got {max_completion_length}")
+  return jnp.sum(per_token), jnp.asarray(per_token.shape[0] * max_completion_length, jnp.float32)
+
+
+@register_loss_aggregation("dapo")
+def _global_token_mean(per_token: jax.Array, mask: jax.Array,
+                       max_completion_length: int | None) -> tuple[jax.Array, jax.Array]:
+  del max_completion_length
+  return jnp.sum(per_token), jnp.sum(mask)
+
+
+def k3_kl(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
+  """Per-token k3 estimate of KL(pi || ref) from samples of pi: exp(d) - d - 1, d = ref - logp."""
+  delta = ref_logp - logp
+  return jnp.exp(delta) - delta - 1.0
+
+
+def _check_shapes(logp: jax.Array, mask: jax.Array, advantages: jax.Array,
+                  **others: jax.Array | None) -> None:
+  if logp.ndim != 2:
+    raise ValueError(f"logp must be [N, T], got shape {logp.shape}")
+  if mask.shape != logp.shape:
+    raise ValueError(f"mask has shape {mask.shape}, logp {logp.shape}; they must match")
+  if advantages.shape != logp.shape[:1]:
+    raise ValueError(f"advantages must be [N]={logp.shape[:1]}, got {advantages.shape}")
+  for name, x in others.items():
+    if x is not None and x.shape != logp.shape:
+      raise ValueError(f"{name} has shape {x.shape}, logp {logp.shape}; they must match")
+
+
+def policy_loss_terms(logp: jax.Array, old_logp: jax.Array | None, ref_logp: jax.Array | None,
+                      advantages: jax.Array, mask: jax.Array, *, loss_type: str,
+                      epsilon_low: float, epsilon_high: float, beta: float,
+                      max_completion_length: int | None = None,
+                      entropy: jax.Array | None = None, entropy_coef: float = 0.0,
+                      truncated: jax.Array | None = None
+                      ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+  """(loss_sum, weight, aux_sums) of the GRPO objective (module docstring has the formulas).
+
+  logp [N, T] (differentiable), old_logp / ref_logp [N, T] or None, advantages [N], mask [N, T]
+  (1 on completion tokens), entropy [N, T] or None. `truncated` [N] bool or None: rows flagged
+  are dropped from loss and metrics entirely (TRL mask_truncated_completions). `beta`,
+  `entropy_coef` and the epsilons are Python floats (they pick the terms at trace time).
+  Values at masked positions never reach the loss or its gradient, even if they are inf/nan.
+  """
+  aggregate = get_loss_aggregation(loss_type)
+  _check_shapes(logp, mask, advantages, old_logp=old_logp, ref_logp=ref_logp, entropy=entropy)
+  live = mask.astype(bool)  # [N, T]
+  if truncated is not None:
+    if truncated.shape != logp.shape[:1]:
+      raise ValueError(f"truncated must be [N]={logp.shape[:1]}, got {truncated.shape}")
+    live = live & ~truncated.astype(bool)[:, None]
+  m = live.astype(jnp.float32)  # [N, T]
+
+  # Padding may hold -inf/nan log-probs; zero them before any arithmetic so that neither the
+  # value nor the gradient (0 * inf) sees them.
+  def clean(x: jax.Array) -> jax.Array:
+    return jnp.where(live, x.astype(jnp.float32), 0.0)
+
+  logp = clean(logp)
+  old_logp = jax.lax.stop_gradient(logp) if old_logp is None else clean(old_logp)
+  adv = advantages.astype(jnp.float32)[:, None]  # [N, 1]
+
+  ratio = jnp.exp(logp - old_logp)  # [N, T]
+  clipped = jnp.clip(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
+  pg = -jnp.minimum(ratio * adv, clipped * adv) * m  # [N, T]
+  per_token = pg
+  kl = None
+  if ref_logp is not None:
+    kl = k3_kl(logp, clean(ref_logp)) * m
+    if beta != 0.0:
+      per_token = per_token + beta * kl
+  if entropy is not None:
+    entropy = clean(entropy)
+    if entropy_coef != 0.0:
+      per_token = per_token - entropy_coef * entropy
+
+  loss_sum, weight = aggregate(per_token, m, max_completion_length)
+  tokens = jnp.maximum(jnp.sum(m), 1.0)
+
+  def token_mean(x: jax.Array) -> jax.Array:  # aux sum whose value / weight is a token mean
+    return jax.lax.stop_gradient(weight * jnp.sum(x * m) / tokens)
+
+  low = (ratio < 1.0 - epsilon_low) & (adv < 0)  # [N, T]
+  high = (ratio > 1.0 + epsilon_high) & (adv > 0)
+  aux = {
+      "pg_loss": jax.lax.stop_gradient(aggregate(pg, m, max_completion_length)[0]),
+      "clip_frac_low": token_mean(low.astype(jnp.float32)),
+      "clip_frac_high": token_mean(high.astype(jnp.float32)),
+      "clip_frac": token_mean((low | high).astype(jnp.float32)),
+      "ratio": token_mean(ratio),
+      # 0 exactly when every ratio is 1 (e.g. the first update after a rollout): a mean ratio of
+      # 1 alone could hide deviations that cancel.
+      "ratio_dev": token_mean(jnp.abs(ratio - 1.0)),
+  }
+  if kl is not None:
+    aux["kl"] = token_mean(kl)
+  if entropy is not None:
+    aux["entropy"] = token_mean(entropy)
+  return loss_sum, weight, aux
+
+
+def policy_loss(logp: jax.Array, old_logp: jax.Array | None, ref_logp: jax.Array | None,
+                advantages: jax.Array, mask: jax.Array, **kwargs) -> jax.Array:
+  """The scalar loss: loss_sum / weight of `policy_loss_terms` (same arguments).
+
+  Divides by max(weight, 1) like `optim.make_train_step`, so an all-masked batch gives 0.
+  """
+  loss_sum, weight, _ = policy_loss_terms(logp, old_logp, ref_logp, advantages, mask, **kwargs)
+  return loss_sum / jnp.maximum(weight, 1.0)
+
+
+__all__ = ["LOSS_AGGREGATIONS", "AggregationFn", "get_loss_aggregation", "k3_kl", "policy_loss",
+           "policy_loss_terms", "register_loss_aggregation"]

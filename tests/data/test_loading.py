@@ -1,0 +1,57 @@
+"""load_dataset/detect_format: dispatch to the readers and the synthetic generator."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from recllm_jax.data import DataError, load_dataset, read_jsonl
+from recllm_jax.data.loading import detect_format
+
+from sample_data import CATALOG_ROWS
+
+GOOD = {"user_id": "u", "history": ["A", "B", "C", "D"]}
+
+
+def test_load_dataset_dispatch(jsonl_dataset, tmp_path):
+  root = jsonl_dataset([GOOD])
+  assert detect_format(root) == "jsonl"
+  assert load_dataset(root).train == read_jsonl(root).train
+  with pytest.raises(DataError, match="no dataset found"):
+    load_dataset(tmp_path / "missing")
+  with pytest.raises(ValueError, match="fmt must be one of"):
+    load_dataset(root, fmt="parquet")
+
+
+def test_detect_format_by_files(tmp_path):
+  pq_dir, amazon_dir = tmp_path / "pq", tmp_path / "amazon"
+  pq_dir.mkdir()
+  amazon_dir.mkdir()
+  pq.write_table(pa.table({"item_id": [r["item_id"] for r in CATALOG_ROWS]}), pq_dir / "catalog.parquet")
+  assert detect_format(pq_dir) == "jsonl"
+  (amazon_dir / "items.json").write_text("{}")
+  with pytest.raises(DataError, match="no dataset found"):
+    detect_format(amazon_dir)  # items.json alone is not enough
+  (amazon_dir / "valid.csv").write_text("")
+  assert detect_format(amazon_dir) == "amazon18"
+
+
+def test_synthetic_roundtrip(synthetic_dir):
+  ds = load_dataset(synthetic_dir, "jsonl")
+  assert len(ds.catalog) == 500
+  assert len(ds.test) == len(ds.valid) == 400  # one of each per user (leave-last-out)
+  assert ds.skipped == 0
+  rows = [json.loads(line) for line in (synthetic_dir / "interactions.jsonl").read_text().splitlines()]
+  by_user = {row["user_id"]: [e["item_id"] for e in row["history"]] for row in rows}
+  for ex in ds.test:
+    assert list(ex.history) + list(ex.targets) == by_user[ex.user_id]
+  for ex in ds.train[:200]:
+    seq = by_user[ex.user_id]
+    assert list(ex.history) + list(ex.targets) == seq[: len(ex.history) + 1]
+    assert len(ex.history) + 1 <= len(seq) - 2
+    assert ex.timestamps is not None and len(ex.timestamps) == len(ex.history)
+
+

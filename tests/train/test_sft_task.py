@@ -1,0 +1,46 @@
+"""SftTask data wiring: history budgeting to data.max_length and the train_examples.txt preview."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from recllm_jax.data import pipeline
+from recllm_jax.data.synthetic import generate_synthetic
+from recllm_jax.train.sft import TRAIN_EXAMPLES_FILE, SftTask
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+from configs import sft as sft_configs  # noqa: E402  (configs/ is not an installed package)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+  return generate_synthetic(tmp_path_factory.mktemp("data"), num_items=60, num_users=30, seed=0)
+
+
+@pytest.mark.parametrize("target_format", ["direct", "cot"])
+def test_sft_task_writes_train_examples_under_the_r1_template(tmp_path, data_dir, r1_tokenizer,
+                                                             target_format):
+  config = sft_configs.get_config("tiny")
+  config.data.dir = str(data_dir)
+  config.model.tokenizer_path = r1_tokenizer.name_or_path
+  config.data.prompt.target_format = target_format
+  config.data.max_length = 384
+  task = SftTask(config, tmp_path)
+  text = (tmp_path / TRAIN_EXAMPLES_FILE).read_text(encoding="utf-8")
+  # Exactly what the pipeline trains on for the first 8 examples.
+  tokenize = pipeline.tokenize_fn(task._format, task.tokenizer, 384)
+  assert text == pipeline.format_train_examples([tokenize(e) for e in task.dataset.train[:8]],
+                                                task.tokenizer)
+  blocks = text.split("===== example ")[1:]
+  assert len(blocks) == 8
+  for block in blocks:
+    # One BOS (from the template), the loss starting right after the template's "<think>\n",
+    # and an EOS at the end of the trained text.
+    assert block.count("<｜begin▁of▁sentence｜>") == 1
+    prompt, completion = block.split(f"<｜Assistant｜><think>\n{pipeline.LOSS_MARKER}\n")
+    assert completion.endswith("<｜end▁of▁sentence｜>\n\n") and "<think>" not in completion
+    assert completion.startswith("\n</think>\n\n" if target_format == "direct" else "The most recent item")
