@@ -21,7 +21,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-from configs.sft import base_config
+from configs.sft import base_config, from_preset
 
 
 def grpo_base() -> ml_collections.ConfigDict:
@@ -133,10 +133,4 @@ PRESETS = {"": paper, "paper": paper, "tiny": tiny}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  name = arg or ""
-  if name not in PRESETS:
-    raise ValueError(f"unknown preset {name!r} for configs/grpo.py; expected one of "
-                     f"{sorted(k for k in PRESETS if k)}")
-  config = PRESETS[name](grpo_base())
-  config.lock()
-  return config
+  return from_preset(PRESETS, grpo_base, arg, "configs/grpo.py")

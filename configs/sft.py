@@ -135,11 +135,16 @@ def paper(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 PRESETS = {"": paper, "paper": paper, "tiny": tiny}
 
 
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+def from_preset(presets: dict, base, arg: str | None, where: str) -> ml_collections.ConfigDict:
+  """`presets[arg](base())`, locked; an unknown preset is a ConfigError naming `where`."""
   name = arg or ""
-  if name not in PRESETS:
-    raise ConfigError(f"unknown preset {name!r} for configs/sft.py; expected one of "
-                      f"{sorted(k for k in PRESETS if k)}")
-  config = PRESETS[name](base_config())
+  if name not in presets:
+    raise ConfigError(f"unknown preset {name!r} for {where}; expected one of "
+                      f"{sorted(k for k in presets if k)}")
+  config = presets[name](base())
   config.lock()
   return config
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  return from_preset(PRESETS, base_config, arg, "configs/sft.py")

@@ -1,0 +1,222 @@
+"""GRPO task: rollout rows, the ratio at the first update in every rollout mode, constrained
+answers, resume after SIGKILL, and (slow) that GRPO raises the held-out reward over its SFT init."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from recllm_jax.data.synthetic import generate_synthetic
+from recllm_jax.train.grpo import Rollout, collate_prompts, training_rows
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+from configs import grpo as grpo_configs  # noqa: E402  (configs/ is not an installed package)
+from configs import sft as sft_configs  # noqa: E402
+
+# Terse prompts and a small model: an SFT init in seconds, GRPO steps in about a second.
+PROMPT = {"data.prompt.user_template": "{history}{instruction}", "data.prompt.instruction": "Next:",
+          "data.prompt.history_header": "", "data.prompt.history_attributes": (),
+          "data.prompt.max_history_tokens": 40, "data.max_length": 128, "data.num_buckets": 1,
+          "data.prefetch_threads": 0, "train.peak_flops": 1e12}
+SFT = {**PROMPT, "model.hidden_size": 64, "model.intermediate_size": 128,
+       "model.num_hidden_layers": 2, "model.tokenizer_vocab_size": 400, "train.batch_size": 8,
+       "train.lr": 3e-3, "train.warmup_steps": 2, "train.num_steps": 150, "train.log_every": 0,
+       "train.eval_every": 0, "train.checkpoint_every": 0}
+GRPO = {**PROMPT, "grpo.num_generations": 4, "train.batch_size": 2, "grpo.max_new_tokens": 48,
+        "grpo.eval_prompts": 8, "train.num_steps": 2, "train.log_every": 1,
+        "train.eval_every": 0, "train.checkpoint_every": 0, "grpo.samples_every": 1,
+        "train.lr": 1e-3}
+
+
+def configure(config, **overrides):
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def read_metrics(workdir: Path) -> list[dict]:
+  return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+  return generate_synthetic(tmp_path_factory.mktemp("data"), num_items=60, num_users=60, seed=0)
+
+
+@pytest.fixture(scope="module")
+def sft_dir(tmp_path_factory, data_dir) -> Path:
+  from recllm_jax.train.loop import train
+
+  workdir = tmp_path_factory.mktemp("sft")
+  train(configure(sft_configs.get_config("tiny"), workdir=str(workdir), **{"data.dir": str(data_dir)},
+                  **SFT))
+  return workdir
+
+
+def grpo_config(workdir: Path, sft_dir: Path, data_dir: Path, **overrides):
+  return configure(grpo_configs.get_config("tiny"), workdir=str(workdir), init_from=str(sft_dir),
+                   **{"data.dir": str(data_dir), **GRPO, **overrides})
+
+
+# --- host pieces ---------------------------------------------------------------------------
+
+
+def test_collate_prompts_left_pads_to_the_prefill_bucket():
+  batch = collate_prompts([(7, [5, 6, 7]), (3, [9])], pad_id=0)
+  assert batch["input_ids"].shape == (2, 64)  # buckets.geometric_bucket's smallest bucket
+  np.testing.assert_array_equal(batch["input_ids"][:, -3:], [[5, 6, 7], [0, 0, 9]])
+  np.testing.assert_array_equal(batch["attention_mask"].sum(1), [3, 1])
+  np.testing.assert_array_equal(batch["example_index"], [7, 3])
+
+
+def test_training_rows_put_each_completion_after_its_prompt():
+  prompts = np.array([[0, 11, 12], [21, 22, 23]])  # P=2, Tp=3, left-padded
+  mask = np.array([[0, 1, 1], [1, 1, 1]])
+  rollout = Rollout(tokens=np.array([[31, 2, 0, 0], [32, 33, 2, 0],  # G=2 per prompt, M=4
+                                     [41, 42, 43, 44], [2, 0, 0, 0]]),
+                    lengths=np.array([2, 3, 4, 1]), truncated=np.array([False, False, True, False]))
+  rows = training_rows(prompts, mask, rollout, group_size=2, length_multiple=2)
+  # Rows are prompt p // G then its completion (cut to the longest, 4); inputs drop the last.
+  np.testing.assert_array_equal(rows["input_ids"], [[0, 11, 12, 31, 2, 0],
+                                                    [0, 11, 12, 32, 33, 2],
+                                                    [21, 22, 23, 41, 42, 43],
+                                                    [21, 22, 23, 2, 0, 0]])
+  np.testing.assert_array_equal(rows["targets"][:, 2:], [[31, 2, 0, 0], [32, 33, 2, 0],
+                                                         [41, 42, 43, 44], [2, 0, 0, 0]])
+  # Position Tp - 1 + j predicts completion token j, for j < length (EOS included).
+  np.testing.assert_array_equal(rows["loss_mask"], [[0, 0, 1, 1, 0, 0], [0, 0, 1, 1, 1, 0],
+                                                    [0, 0, 1, 1, 1, 1], [0, 0, 1, 0, 0, 0]])
+  np.testing.assert_array_equal(rows["attention_mask"], [[0, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1],
+                                                         [1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+
+
+# --- runs ----------------------------------------------------------------------------------
+
+CONTRACT_KEYS = ("step", "reward", "kl", "entropy", "clip_frac", "completion_len", "frac_zero_std",
+                 "frac_valid", "time_rollout", "time_reward", "time_update", "time_step")
+
+
+@pytest.mark.parametrize("rollout", ["cot", "cot_constrained", "beam"])
+def test_first_update_after_a_rollout_has_ratio_one(tmp_path, sft_dir, data_dir, rollout):
+  from recllm_jax.train.loop import train
+
+  # mu = 2 computes the old log-probs in a separate forward, as beta > 0 does the reference's.
+  config = grpo_config(tmp_path / "run", sft_dir, data_dir, **{
+      "grpo.rollout": rollout, "grpo.num_iterations": 2, "grpo.beta": 0.04})
+  train(config)
+  rows = [r for r in read_metrics(tmp_path / "run") if "reward" in r]
+  assert [r["step"] for r in rows] == [1, 2]
+  for row in rows:
+    assert set(CONTRACT_KEYS) <= set(row)
+    assert {f"reward/{k}" for k, w in config.rewards.items()} <= set(row)
+    assert row["ratio_dev_first"] < 1e-4, row
+  assert (tmp_path / "run" / "samples.txt").read_text().count("--- completion") == 2 * 2
+
+
+def _setup(config):
+  """The loop's set-up of a task without training (for direct rollouts)."""
+  import optax
+
+  from recllm_jax import sharding
+  from recllm_jax.train import build, checks, loop, metrics, optim
+
+  config = checks.expand_paths(config)
+  mesh = checks.check_config(config)
+  workdir = Path(config.workdir)
+  workdir.mkdir(parents=True)
+  task = loop.make_task(config, workdir)
+  model = build.build_model(config, mesh, task.tokenizer)
+  optimizer = optax.sgd(0.0)
+  graphdef, state = optim.init_train_state(model, optimizer, config.seed)
+  task.setup(loop.Run(graphdef=graphdef, optimizer=optimizer, schedule=optax.constant_schedule(0.0),
+                      state_sharding=sharding.shardings_of(state), mesh=mesh, model_cfg=model.cfg,
+                      writer=metrics.MetricsWriter(workdir), initial_params=state.params,
+                      workdir=workdir))
+  return task, state
+
+
+def test_cot_constrained_answers_are_catalog_items(tmp_path, sft_dir, data_dir):
+  config = grpo_config(tmp_path / "run", sft_dir, data_dir, **{
+      "grpo.rollout": "cot_constrained", "grpo.num_generations": 8, "train.batch_size": 4,
+      "grpo.max_new_tokens": 96})
+  task, state = _setup(config)
+  batch = next(task.train_iterator())
+  rollout = task.rollout(state.params, batch, jax.random.key(0))
+  samples, _, _, _ = task.score("train", [int(i) for i in batch["example_index"]], rollout, 8)
+  titles = {item.title for item in task.dataset.catalog}
+  answered = [s for s, cut in zip(samples, rollout.truncated)
+              if "<answer>\n" in s.completion and not cut]  # (a cut row never closed its list)
+  assert len(answered) >= len(samples) // 2, [s.completion for s in samples]
+  for s in answered:  # every answer the trie constrained is a real, exactly spelled item
+    answer = s.completion.split("<answer>\n", 1)[1]
+    assert answer.endswith("\n</answer>"), s.completion
+    assert answer.removesuffix("\n</answer>") in titles, s.completion
+    if s.reason == "ok":  # well-formed (the think block closed): grounded exactly
+      assert s.item_ids and all(i is not None for i in s.item_ids), s.completion
+      assert set(s.matches) == {"exact"}
+
+
+def _cli(workdir: Path, sft_dir: Path, data_dir: Path, **overrides) -> list[str]:
+  args = {**GRPO, "workdir": str(workdir), "init_from": str(sft_dir), "data.dir": str(data_dir),
+          **overrides}
+  return [sys.executable, str(REPO / "scripts" / "train.py"), "--config",
+          str(REPO / "configs" / "grpo.py") + ":tiny",
+          *(f"--config.{k}={v}" for k, v in args.items())]
+
+
+def test_resume_after_sigkill_replays_the_same_rollouts(tmp_path, sft_dir, data_dir):
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  run = {"train.num_steps": 8, "train.checkpoint_every": 4}
+  ref, killed = tmp_path / "ref", tmp_path / "killed"
+  log = open(tmp_path / "reference.log", "w")
+  reference = subprocess.Popen(_cli(ref, sft_dir, data_dir, **run), env=env, stdout=log,
+                               stderr=log)
+  proc = subprocess.Popen(_cli(killed, sft_dir, data_dir, **run), env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while not (killed / "checkpoints" / "4").exists() and time.time() < deadline:
+    assert proc.poll() is None, "run ended before its first checkpoint"
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert read_metrics(killed)[-1]["step"] < 8, "the run finished before it was killed"
+  assert reference.wait() == 0, (tmp_path / "reference.log").read_text()[-2000:]
+
+  subprocess.run(_cli(killed, sft_dir, data_dir, **run), check=True, env=env, capture_output=True)
+  expected = {r["step"]: r for r in read_metrics(ref)}
+  got = {r["step"]: r for r in read_metrics(killed)}
+  assert sorted(got) == list(range(1, 9))
+  for step in range(1, 9):
+    for key in ("reward", "loss", "completion_len", "kl"):
+      assert got[step][key] == pytest.approx(expected[step][key], abs=1e-5), (step, key)
+
+
+@pytest.mark.slow
+def test_grpo_raises_the_held_out_reward_over_its_sft_init(tmp_path, data_dir):
+  """configs/sft.py:tiny then configs/grpo.py:tiny (CoT, hit + NDCG rewards) on synthetic data."""
+  from recllm_jax.train.loop import train
+
+  sft = tmp_path / "sft"
+  train(configure(sft_configs.get_config("tiny"), workdir=str(sft)))
+  config = configure(grpo_configs.get_config("tiny"), workdir=str(tmp_path / "grpo"),
+                     init_from=str(sft))
+  task, state = _setup(configure(grpo_configs.get_config("tiny"), workdir=str(tmp_path / "init"),
+                                 init_from=str(sft)))
+  before = task.evaluate(state)["val_reward"]
+  train(config)
+  after = [r for r in read_metrics(tmp_path / "grpo") if "val_reward" in r][-1]["val_reward"]
+  assert after > before + 0.05, (before, after)
