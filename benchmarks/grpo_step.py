@@ -122,6 +122,11 @@ def make_inputs(args: argparse.Namespace, root: Path) -> tuple[Path, Path, Any]:
   torch.manual_seed(0)
   model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**cfg.to_hf_dict())).float()
   model.save_pretrained(hf_dir, safe_serialization=True)
+  # transformers 5 loads any tokenizer next to a qwen2 config.json as `Qwen2Tokenizer`, which
+  # adds "<|endoftext|>" when missing: leave room for it, so the loaded vocab is the model's.
+  extra = len(transformers.AutoTokenizer.from_pretrained(hf_dir)) - len(tokenizer)
+  if extra:
+    train_bpe_tokenizer(texts, hf_dir, vocab_size=args.vocab - extra)
   return hf_dir, data_dir, cfg
 
 
@@ -159,6 +164,7 @@ def planned_prompts(config, workdir: Path, steps: int) -> list[list[tuple[str, l
   """
   from recllm_jax.train.grpo import GrpoTask
 
+  workdir.mkdir(parents=True, exist_ok=True)  # as the loop does before making its task
   task = GrpoTask(config, workdir)
   data = task.train_iterator()
   return [[task.prompt("train", int(i)) for i in next(data)["example_index"]]
@@ -303,8 +309,8 @@ def run_trl(args: argparse.Namespace, hf_dir: Path, prompts: list[str], lr: floa
       self.rows.append({"time_step": time.perf_counter() - self.t0, **parts})
 
     def on_log(self, args, state, control, logs=None, **k):
-      if logs and self.rows:
-        self.rows[-1]["logs"] = dict(logs)
+      if logs and self.rows:  # the step's metrics, then (last step) the run's summary
+        self.rows[-1].setdefault("logs", {}).update(logs)
 
   def length_reward(completions, **kwargs):
     """Trivial host reward (TRL needs one): completion characters / 100."""

@@ -84,6 +84,9 @@ def pytest_configure(config):
   flags = _DEVICE_COUNT_FLAG.sub("", os.environ.get("XLA_FLAGS", "")).split()
   os.environ["XLA_FLAGS"] = " ".join(
       [*flags, f"--xla_force_host_platform_device_count={MESH_DEVICES}"])
+  # The suite is a CPU suite (the references are CPU torch): on a GPU host the simulated CPU
+  # devices must still be the default platform. An explicit JAX_PLATFORMS is respected.
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
   import jax
 
   if jax.device_count() < MESH_DEVICES:

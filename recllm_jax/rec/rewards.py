@@ -53,7 +53,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from recllm_jax.data import Catalog, DataError, Example, popularity
+from recllm_jax.errors import ConfigError
 from recllm_jax.rec.grounding import Grounder, title_tokens
+from recllm_jax.registry import Registry
 
 __all__ = [
   "REASON_OK",
@@ -190,9 +192,9 @@ class BusinessRule:
   def __post_init__(self) -> None:
     object.__setattr__(self, "item_ids", frozenset(self.item_ids))
     if self.attribute is None and not self.item_ids:
-      raise ValueError("a business rule needs an attribute (with a value) or item ids")
+      raise ConfigError("a business rule needs an attribute (with a value) or item ids")
     if (self.attribute is None) != (self.value is None):
-      raise ValueError(f"business rule attribute and value go together, got {self.attribute!r} = {self.value!r}")
+      raise ConfigError(f"business rule attribute and value go together, got {self.attribute!r} = {self.value!r}")
 
   @classmethod
   def from_file(
@@ -370,46 +372,35 @@ def build_samples(
 # --------------------------------------------------------------------------
 
 RewardFn = Callable[[Sample, RewardContext], float]
-REWARDS: dict[str, RewardFn] = {}
-
-
-def register(name: str) -> Callable[[RewardFn], RewardFn]:
-  """Decorator adding a reward to :data:`REWARDS` under ``name``."""
-
-  def decorate(fn: RewardFn) -> RewardFn:
-    if name in REWARDS and REWARDS[name] is not fn:
-      raise ValueError(f"reward {name!r} is already registered ({REWARDS[name].__module__}.{REWARDS[name].__name__})")
-    REWARDS[name] = fn
-    return fn
-
-  return decorate
+REWARDS: Registry[RewardFn] = Registry("reward", "rewards.{name}")
+register = REWARDS.register
 
 
 def resolve_reward(name: str, import_path: str | None = None) -> RewardFn:
   """The reward called ``name``: imported from ``"pkg.module:function"`` if given, else built-in."""
   if import_path is None:
     if name not in REWARDS:
-      raise KeyError(
+      raise ConfigError(
         f"unknown reward rewards.{name}; built-in rewards are {sorted(REWARDS)}, "
         f'or give an import path as reward_fns.{name} = "package.module:function"'
       )
     return REWARDS[name]
   if name in REWARDS:
-    raise ValueError(f"reward_fns.{name} would shadow the built-in reward {name!r}; choose another name")
+    raise ConfigError(f"reward_fns.{name} would shadow the built-in reward {name!r}; choose another name")
   module_name, sep, attr = import_path.partition(":")
   if not sep or not module_name or not attr:
-    raise ValueError(f'reward_fns.{name} = {import_path!r}: expected "package.module:function"')
+    raise ConfigError(f'reward_fns.{name} = {import_path!r}: expected "package.module:function"')
   try:
     module = importlib.import_module(module_name)
   except ImportError as e:
-    raise ValueError(f"reward_fns.{name} = {import_path!r}: cannot import {module_name!r}: {e}") from e
+    raise ConfigError(f"reward_fns.{name} = {import_path!r}: cannot import {module_name!r}: {e}") from e
   fn = module
   for part in attr.split("."):
     fn = getattr(fn, part, None)
     if fn is None:
-      raise ValueError(f"reward_fns.{name} = {import_path!r}: {module_name!r} has no attribute {attr!r}")
+      raise ConfigError(f"reward_fns.{name} = {import_path!r}: {module_name!r} has no attribute {attr!r}")
   if not callable(fn):
-    raise ValueError(f"reward_fns.{name} = {import_path!r} is not callable")
+    raise ConfigError(f"reward_fns.{name} = {import_path!r} is not callable")
   return fn
 
 
@@ -430,7 +421,7 @@ def composite_rewards(
   import_paths = dict(import_paths or {})
   unweighted = sorted(set(import_paths) - set(weights))
   if unweighted:
-    raise ValueError(f"reward_fns {unweighted} have no weight; set rewards.<name> = weight for each")
+    raise ConfigError(f"reward_fns {unweighted} have no weight; set rewards.<name> = weight for each")
   fns = {name: resolve_reward(name, import_paths.get(name)) for name in weights}
   components: dict[str, np.ndarray] = {}
   for name, fn in fns.items():

@@ -32,32 +32,16 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from recllm_jax.registry import Registry
+
 # TRL's GRPOTrainer constant; large enough that a near-zero std cannot blow advantages up.
 DEFAULT_EPS = 1e-4
 
 # (rewards [N], num_generations G, eps) -> advantages [N]
 AdvantageFn = Callable[..., jax.Array]
-ADVANTAGES: dict[str, AdvantageFn] = {}
-
-
-def register_advantage(name: str) -> Callable[[AdvantageFn], AdvantageFn]:
-  """Registers `fn(rewards, num_generations, *, eps) -> advantages` under `name`."""
-
-  def register(fn: AdvantageFn) -> AdvantageFn:
-    if name in ADVANTAGES:
-      raise ValueError(f"advantage estimator {name!r} is already registered")
-    ADVANTAGES[name] = fn
-    return fn
-
-  return register
-
-
-def get_advantage_fn(name: str) -> AdvantageFn:
-  """The registered estimator `name`; a clear error lists the known ones."""
-  try:
-    return ADVANTAGES[name]
-  except KeyError:
-    raise ValueError(f"unknown advantage estimator {name!r}; known: {sorted(ADVANTAGES)}") from None
+ADVANTAGES: Registry[AdvantageFn] = Registry("advantage estimator", "grpo.advantage")
+register_advantage = ADVANTAGES.register
+get_advantage_fn = ADVANTAGES.lookup
 
 
 class GroupStats(NamedTuple):

@@ -47,29 +47,13 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from recllm_jax.registry import Registry
+
 # (per-token loss [N, T] (already 0 off the mask), mask [N, T] float32, L) -> (loss_sum, weight)
 AggregationFn = Callable[[jax.Array, jax.Array, "int | None"], tuple[jax.Array, jax.Array]]
-LOSS_AGGREGATIONS: dict[str, AggregationFn] = {}
-
-
-def register_loss_aggregation(name: str) -> Callable[[AggregationFn], AggregationFn]:
-  """Registers `fn(per_token, mask, max_completion_length) -> (loss_sum, weight)`."""
-
-  def register(fn: AggregationFn) -> AggregationFn:
-    if name in LOSS_AGGREGATIONS:
-      raise ValueError(f"loss aggregation {name!r} is already registered")
-    LOSS_AGGREGATIONS[name] = fn
-    return fn
-
-  return register
-
-
-def get_loss_aggregation(name: str) -> AggregationFn:
-  """The registered aggregation `name` (the `loss_type`); a clear error lists the known ones."""
-  try:
-    return LOSS_AGGREGATIONS[name]
-  except KeyError:
-    raise ValueError(f"unknown loss_type {name!r}; known: {sorted(LOSS_AGGREGATIONS)}") from None
+LOSS_AGGREGATIONS: Registry[AggregationFn] = Registry("loss_type", "grpo.loss_type")
+register_loss_aggregation = LOSS_AGGREGATIONS.register
+get_loss_aggregation = LOSS_AGGREGATIONS.lookup
 
 
 @register_loss_aggregation("grpo")

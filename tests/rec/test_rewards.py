@@ -9,6 +9,8 @@ import math
 import numpy as np
 import pytest
 
+from recllm_jax.errors import ConfigError
+
 from recllm_jax.data import Catalog, DataError, Example, Item, RecDataset
 from recllm_jax.rec import rewards as R
 from recllm_jax.rec.grounding import Grounder
@@ -322,7 +324,7 @@ def test_custom_reward_by_import_path():
 
 
 def test_resolve_reward_errors():
-  with pytest.raises(KeyError, match="unknown reward rewards.nope"):
+  with pytest.raises(ConfigError, match="unknown reward rewards.nope"):
     R.resolve_reward("nope")
   with pytest.raises(ValueError, match="would shadow the built-in reward 'hit'"):
     R.resolve_reward("hit", f"{__name__}:title_count_reward")

@@ -79,4 +79,4 @@ def test_bad_layouts_and_names_are_clear_errors():
   with pytest.raises(ValueError, match="unknown advantage estimator 'ppo'.*'dr_grpo'"):
     adv_lib.compute_advantages(jnp.zeros(6), 3, estimator="ppo")
   with pytest.raises(ValueError, match="already registered"):
-    adv_lib.register_advantage("grpo")(adv_lib.grpo_advantages)
+    adv_lib.register_advantage("grpo")(adv_lib.dr_grpo_advantages)
