@@ -116,7 +116,7 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.grpo.max_new_tokens = 96
   c.grpo.temperature = 1.0
   c.grpo.top_p = 1.0
-  c.grpo.eval_prompts = 32
+  c.grpo.eval_prompts = 128
   c.train.num_steps = 30
   c.train.batch_size = 4
   c.train.lr = 2e-4

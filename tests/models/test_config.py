@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import jax
 import pytest
@@ -102,3 +103,26 @@ def test_underivable_head_dim_is_a_config_error():
     tiny(hidden_size=100, num_attention_heads=8, num_key_value_heads=2)
   assert tiny(hidden_size=100, num_attention_heads=8, num_key_value_heads=2,
               head_dim=16).head_dim == 16
+
+
+REFERENCE_DIR = (Path(__file__).resolve().parents[3] / "shared" / "reference"
+                 / "deepseek-r1-distill-qwen-1.5b")
+
+
+@pytest.mark.parametrize("sliding_window", ["as published (4096)", None])
+def test_the_real_r1_distill_config_maps_to_the_1_5b_preset_exactly(tmp_path, sliding_window):
+  if not (REFERENCE_DIR / "config.json").exists():
+    pytest.skip(f"reference config not found at {REFERENCE_DIR}")
+  hf = json.loads((REFERENCE_DIR / "config.json").read_text())
+  assert hf["sliding_window"] == 4096 and hf["use_sliding_window"] is False
+  if sliding_window is None:  # the other form found in the wild
+    hf["sliding_window"] = None
+  (tmp_path / "config.json").write_text(json.dumps(hf))
+  cfg = Qwen2Config.from_pretrained(tmp_path)
+  # Every field, not a chosen few. One known difference: the published config.json says
+  # bos_token_id 151643 (its EOS), while the tokenizer and generation_config.json use 151646
+  # (<｜begin▁of▁sentence｜>); the preset takes the one generation really starts with.
+  generation = json.loads((REFERENCE_DIR / "generation_config.json").read_text())
+  preset = deepseek_r1_distill_qwen_1_5b()
+  assert (cfg.bos_token_id, preset.bos_token_id) == (151643, generation["bos_token_id"])
+  assert cfg.replace(bos_token_id=preset.bos_token_id) == preset
