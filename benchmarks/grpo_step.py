@@ -11,7 +11,8 @@ P = 8 prompts x G = 8 samples, 64 new tokens at temperature 1 (top-p 1, no top-k
         step parts from `<workdir>/metrics.jsonl`; rewards: the configured composite.
   TRL   `GRPOTrainer` on the same rendered prompt strings (plain-text prompts, so TRL tokenizes
         exactly our text: the token ids are checked equal); a trivial reward function. TRL's
-        `gradient_checkpointing` default (True) is turned off, like ours.
+        activation-checkpointing default (`gradient_checkpointing=True`) is turned off, like
+        ours (no remat).
 
 Prompts are kept at ~50-60 tokens: synthetic users without a profile, only the newest history
 item (`data.prompt.max_history_tokens=0`) and a short instruction (the default instruction alone
@@ -43,6 +44,7 @@ import sys
 import tempfile
 import time
 import types
+import warnings
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -324,7 +326,7 @@ def run_trl(args: argparse.Namespace, hf_dir: Path, prompts: list[str], lr: floa
       beta=args.beta, epsilon=0.2, num_iterations=1, loss_type="grpo",
       learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
       adam_beta1=0.9, adam_beta2=b2, adam_epsilon=1e-8, max_grad_norm=max_grad_norm,
-      gradient_checkpointing=False, shuffle_dataset=False, max_steps=args.trl_steps,
+      activation_checkpointing=False, shuffle_dataset=False, max_steps=args.trl_steps,
       logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True,
       dataloader_num_workers=0, model_init_kwargs={"dtype": torch.float32})
   tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
@@ -333,6 +335,7 @@ def run_trl(args: argparse.Namespace, hf_dir: Path, prompts: list[str], lr: floa
       model=str(hf_dir), reward_funcs=length_reward, args=config, processing_class=tokenizer,
       train_dataset=datasets.Dataset.from_dict({"prompt": prompts}), callbacks=[timer])
   trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
+  assert not trainer.model.is_activation_checkpointing, "TRL's model would recompute activations"
   trainer.train()
   return timer.rows
 
@@ -348,6 +351,66 @@ def _fmt(xs, digits: int = 2) -> str:
   return ", ".join(f"{x:.{digits}f}" for x in xs)
 
 
+def report_ours(args: argparse.Namespace, cfg: Any, ours: list[dict[str, Any]],
+                record: dict[str, list], peak: float) -> tuple[float, float]:
+  """Prints our step time, parts and FLOPs; returns (median step s, median step FLOPs)."""
+  from recllm_jax.train import metrics
+
+  timed = ours[args.warmup:]
+  t_ours = _median([r["time_step"] for r in timed])
+  flops = _median([w.flops for w in record["work"][args.warmup:]])
+  # `step_flops` (used for TRL) recounts our last step from its mean completion length.
+  recount = step_flops(cfg, record["prompt_lengths"][-1],
+                       [round(ours[-1]["completion_len"])] * (args.prompts * args.generations),
+                       group=args.generations, max_new_tokens=args.new_tokens, beta=args.beta)
+  print(f"step FLOPs (GrpoTask._work's count, matmul params N = "
+        f"{metrics.matmul_params(cfg) / 1e6:.1f}M): {flops / 1e12:.3f} TFLOP -> roofline "
+        f"{flops / peak:.2f} s at the measured peak (last step {record['work'][-1].flops / 1e12:.3f}"
+        f", recounted from its mean completion length {recount / 1e12:.3f})")
+  intervals = list(np.diff(record["start"])[max(args.warmup - 1, 0):])
+  print(f"recllm_jax: step {t_ours:.2f} s (median of steps {args.warmup + 1}-{args.steps}: "
+        f"{_fmt(r['time_step'] for r in timed)}); all steps: {_fmt(r['time_step'] for r in ours)}")
+  print(f"  parts (median): rollout {_median([r['time_rollout'] for r in timed]):.2f} s, "
+        f"reward+advantages {_median([r['time_reward'] for r in timed]):.3f} s, "
+        f"update {_median([r['time_update'] for r in timed]):.2f} s (of which ref forward "
+        f"{_median(record['time_ref'][args.warmup:]):.2f} s); loop interval start-to-start "
+        f"{_median(intervals):.2f} s")
+  print(f"  completion_len {_fmt((r['completion_len'] for r in timed), 1)} (truncated "
+        f"{np.mean([r['frac_truncated'] for r in timed]):.0%}); compiles per step "
+        f"{record['compiles']} ({_fmt(record['compile_s'], 1)} s); "
+        f"MFU {flops / t_ours / peak:.1%}")
+  return t_ours, flops
+
+
+def report_trl(args: argparse.Namespace, cfg: Any, theirs: list[dict[str, Any]],
+               prompt_lengths: list[int], peak: float) -> float:
+  """Prints TRL's step time, parts and FLOPs; returns its median step time."""
+  from recllm_jax.train import metrics
+
+  p, g = args.prompts, args.generations
+  timed = theirs[args.trl_warmup:]
+  t_trl = _median([r["time_step"] for r in timed])
+  flops = _median([step_flops(cfg, prompt_lengths[i * p:(i + 1) * p], r["completion_lengths"],
+                              group=g, max_new_tokens=args.new_tokens, beta=args.beta)
+                   for i, r in enumerate(theirs) if i >= args.trl_warmup])
+  part = lambda key: _median([r.get(key, 0.0) for r in timed])
+  update = _median([r["time_step"] - r["generate_and_score"] for r in timed])
+  other = _median([r["generate_and_score"] - r["rollout"] - r["reward"] - r.get("ref", 0.0)
+                   for r in timed])
+  print(f"trl: step {t_trl:.2f} s (median of steps {args.trl_warmup + 1}-{args.trl_steps}: "
+        f"{_fmt(r['time_step'] for r in timed)}); all steps: {_fmt(r['time_step'] for r in theirs)}")
+  print(f"  parts (median): rollout (generate) {part('rollout'):.2f} s, reward "
+        f"{part('reward'):.3f} s, ref forward {part('ref'):.2f} s, update (policy fwd+bwd+AdamW) "
+        f"{update:.2f} s, other scoring {other:.2f} s")
+  logged = [r.get("logs", {}).get("completions/mean_length") for r in timed]
+  repeated_prefill = 2 * metrics.matmul_params(cfg) * (g - 1) * float(np.mean(prompt_lengths)) * p
+  print(f"  completion length {_fmt((np.mean(r['completion_lengths']) for r in timed), 1)} "
+        f"(TRL's log: {_fmt((x for x in logged if x is not None), 1)}); useful FLOPs by our count "
+        f"{flops / 1e12:.3f} TFLOP (+{repeated_prefill / 1e12:.3f} TFLOP of repeated prefill); "
+        f"MFU {flops / t_trl / peak:.1%}")
+  return t_trl
+
+
 def main() -> None:
   args = parse_args()
   logging.basicConfig(level=logging.WARNING)
@@ -359,7 +422,9 @@ def main() -> None:
   from recllm_jax.train import metrics
 
   transformers.logging.set_verbosity_error()
+  warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notes
   torch.set_num_threads(os.cpu_count() or 1)
+  load_before = os.getloadavg()[0]
   peaks = [metrics.measure_matmul_flops(2048)]
   with contextlib.ExitStack() as stack:
     root = Path(args.tmp) if args.tmp else Path(stack.enter_context(tempfile.TemporaryDirectory()))
@@ -379,72 +444,25 @@ def main() -> None:
     peaks.append(metrics.measure_matmul_flops(2048))
   peak = max(peaks)
 
-  p, g, m = args.prompts, args.generations, args.new_tokens
-  flops_kw = dict(group=g, max_new_tokens=m, beta=args.beta)
-  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} (JAX), torch threads "
-        f"{torch.get_num_threads()}; trl {trl.__version__}, transformers "
+  p, g = args.prompts, args.generations
+  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} (JAX), {os.cpu_count()} "
+        f"CPUs, torch threads {torch.get_num_threads()}, 1-min load average {load_before:.1f} "
+        f"before / {os.getloadavg()[0]:.1f} after; trl {trl.__version__}, transformers "
         f"{transformers.__version__}, torch {torch.__version__}, jax {jax.__version__}")
   print(f"model: random Qwen2 hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, "
         f"{cfg.num_attention_heads}/{cfg.num_key_value_heads} heads, FFN {cfg.intermediate_size}, "
-        f"vocab {cfg.vocab_size}; {metrics.matmul_params(cfg) / 1e6:.1f}M matmul params, fp32")
+        f"vocab {cfg.vocab_size}, fp32")
   print(f"prompts: {p} per step x G={g}, {min(prompt_lengths)}-{max(prompt_lengths)} tokens "
         f"(mean {np.mean(prompt_lengths):.1f}); TRL tokenizes the same ids: "
-        f"{'yes' if same_ids else 'NO'}; {m} new tokens, temperature 1, top-p 1, "
+        f"{'yes' if same_ids else 'NO'}; {args.new_tokens} new tokens, temperature 1, top-p 1, "
         f"beta {args.beta}, mu 1, lr {tc.lr:g}")
   print("rewards: recllm_jax the configured composite ("
         + ", ".join(f"{k} {v:g}" for k, v in config.rewards.to_dict().items() if v)
         + "); TRL a trivial one (completion characters / 100)")
   print(f"measured fp32 2048^2 matmul (JAX): {peak / 1e9:.1f} GFLOP/s (best of "
-        f"{_fmt((x / 1e9 for x in peaks), 0)})")
-
-  # Ours.
-  timed = ours[args.warmup:]
-  t_ours = _median([r["time_step"] for r in timed])
-  work = record["work"][args.warmup:]
-  flops_ours = _median([w.flops for w in work])
-  lens_ours = [r["completion_len"] for r in timed]
-  check = step_flops(cfg, record["prompt_lengths"][-1],
-                     [round(ours[-1]["completion_len"])] * (p * g), **flops_kw)
-  roofline = flops_ours / peak
-  print(f"step FLOPs (GrpoTask._work's count): {flops_ours / 1e12:.3f} TFLOP per step -> "
-        f"roofline {roofline:.2f} s at the measured peak "
-        f"(recount from lengths: {check / 1e12:.3f} TFLOP)")
-  intervals = np.diff(record["start"])[args.warmup:] if len(record["start"]) > 1 else []
-  print(f"recllm_jax: step {t_ours:.2f} s (median of steps {args.warmup + 1}-{args.steps}: "
-        f"{_fmt(r['time_step'] for r in timed)}); all steps: {_fmt(r['time_step'] for r in ours)}")
-  ref = _median(record["time_ref"][args.warmup:])
-  print(f"  parts (median): rollout {_median([r['time_rollout'] for r in timed]):.2f} s, "
-        f"reward+advantages {_median([r['time_reward'] for r in timed]):.3f} s, "
-        f"update {_median([r['time_update'] for r in timed]):.2f} s "
-        f"(of which ref forward {ref:.2f} s); loop interval start-to-start "
-        f"{_median(list(intervals)):.2f} s")
-  print(f"  completion_len {np.mean(lens_ours):.1f} "
-        f"(truncated {np.mean([r['frac_truncated'] for r in timed]):.0%}); compiles per step "
-        f"{record['compiles']} ({_fmt(record['compile_s'], 1)} s); "
-        f"MFU {flops_ours / t_ours / peak:.1%}")
-
-  # TRL.
-  timed_trl = theirs[args.trl_warmup:]
-  t_trl = _median([r["time_step"] for r in timed_trl])
-  lens_trl = [np.mean(r.get("completion_lengths", [np.nan])) for r in timed_trl]
-  flops_trl = _median([step_flops(cfg, prompt_lengths[i * p:(i + 1) * p],
-                                  r["completion_lengths"], **flops_kw)
-                       for i, r in enumerate(theirs) if i >= args.trl_warmup])
-  part = lambda k: _median([r.get(k, 0.0) for r in timed_trl])
-  update = _median([r["time_step"] - r.get("generate_and_score", 0.0) for r in timed_trl])
-  other = _median([r.get("generate_and_score", 0.0) - r.get("rollout", 0.0)
-                   - r.get("reward", 0.0) - r.get("ref", 0.0) for r in timed_trl])
-  print(f"trl: step {t_trl:.2f} s (median of steps {args.trl_warmup + 1}-{args.trl_steps}: "
-        f"{_fmt(r['time_step'] for r in timed_trl)}); all steps: "
-        f"{_fmt(r['time_step'] for r in theirs)}")
-  print(f"  parts (median): rollout (generate) {part('rollout'):.2f} s, reward "
-        f"{part('reward'):.3f} s, ref forward {part('ref'):.2f} s, update (policy fwd+bwd+AdamW) "
-        f"{update:.2f} s, other scoring {other:.2f} s")
-  logged = [r.get("logs", {}).get("completions/mean_length") for r in timed_trl]
-  print(f"  completion length {np.mean(lens_trl):.1f} (TRL's log: "
-        f"{_fmt((x for x in logged if x is not None), 1)}); useful FLOPs by our count "
-        f"{flops_trl / 1e12:.3f} TFLOP (+{2 * metrics.matmul_params(cfg) * (g - 1) * np.mean(prompt_lengths) * p / 1e12:.3f} "
-        f"TFLOP of repeated prefill); MFU {flops_trl / t_trl / peak:.1%}")
+        f"{_fmt((x / 1e9 for x in peaks), 0)}: start, between the sides, end)")
+  t_ours, flops = report_ours(args, cfg, ours, record, peak)
+  t_trl = report_trl(args, cfg, theirs, prompt_lengths, peak)
   print("shortcuts: we prefill each prompt once per group and repeat its KV cache (TRL "
         f"prefills every prompt G={g} times); both decode with a KV cache (ours: one compiled "
         "loop over a preallocated cache; TRL: transformers.generate, a Python loop with a "
@@ -452,7 +470,7 @@ def main() -> None:
         "(logits_to_keep); ours project every position (prompt included) in chunks, and pad "
         "prompts to a 64-token bucket. Neither computes old log-probs (mu = 1).")
   print(f"grpo_step: recllm_jax {t_ours:.2f} s, trl {t_trl:.2f} s, ratio {t_trl / t_ours:.2f}x, "
-        f"roofline {roofline / t_ours:.1%}")
+        f"roofline {flops / peak / t_ours:.1%}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""Recommendation-specific RL pieces: title grounding and GRPO rewards.
+"""Recommendation-specific RL pieces: title grounding, GRPO rewards and evaluation metrics.
 
 Pure Python/numpy, run on the host between generation and the policy
-update; nothing here touches JAX.
+update; nothing here touches JAX. The baselines (``recllm_jax.rec.baselines``,
+whose SASRec uses JAX) are a subpackage imported on demand.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from recllm_jax.rec.grounding import (
   fuzzy_key,
   title_tokens,
 )
+from recllm_jax.rec.metrics import DEFAULT_KS, evaluate_rankings, format_table
 from recllm_jax.rec.rewards import (
   REASON_OK,
   REASON_UNKNOWN_ITEM,
@@ -36,6 +38,7 @@ from recllm_jax.rec.rewards import (
 )
 
 __all__ = [
+  "DEFAULT_KS",
   "MATCH_EXACT",
   "MATCH_FUZZY",
   "MATCH_KINDS",
@@ -51,6 +54,8 @@ __all__ = [
   "Sample",
   "build_samples",
   "composite_rewards",
+  "evaluate_rankings",
+  "format_table",
   "fuzzy_key",
   "hit_at_k",
   "load_item_ids",

@@ -200,7 +200,8 @@ def restore_params(cfg: Qwen2Config, mesh: jax.sharding.Mesh, workdir: Path,
   import orbax.checkpoint as ocp
 
   directory = (workdir / "checkpoints").absolute()
-  steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+  steps = sorted(int(p.name) for p in directory.iterdir()
+                 if p.name.isdigit()) if directory.is_dir() else []
   if not steps:
     raise MissingPathError(f"{directory} holds no finished checkpoint")
   if step is None:

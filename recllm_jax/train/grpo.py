@@ -26,9 +26,10 @@ held only when `grpo.beta > 0`; its size is logged at start-up.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -169,7 +170,7 @@ class GrpoTask:
     from recllm_jax.data.prompts import PromptConfig
     from recllm_jax.rec import Grounder, RewardContext, BusinessRule
     from recllm_jax.train import build
-    from recllm_jax.train.sft import data_dir
+    from recllm_jax.train.sft import TRAIN_EXAMPLES_FILE, data_dir
 
     self.config = config
     self.workdir = Path(workdir)
@@ -183,6 +184,8 @@ class GrpoTask:
                                 on_bad_data=config.data.on_bad_data, seed=config.seed)
     self.tokenizer = build.load_tokenizer(config, self.workdir, self.dataset.catalog)
     self.prompt_cfg = PromptConfig(**config.data.prompt.to_dict())
+    if gc.rollout == "beam":  # beams are bare titles: direct prompts, direct parsing
+      self.prompt_cfg = dataclasses.replace(self.prompt_cfg, target_format="direct")
     rule = None
     b = config.business
     if b.attribute or b.item_file:
@@ -195,11 +198,10 @@ class GrpoTask:
                              fuzzy_cutoff=gc.fuzzy_cutoff or None)
     self.reward_weights = dict(config.rewards.to_dict())
     self.reward_paths = dict(config.reward_fns.to_dict())
-    self.item_ids = [item.item_id for item in self.dataset.catalog]
     self._prompt_cache: dict[tuple[str, int], tuple[str, list[int]]] = {}
     self._trie = None
     if jax.process_index() == 0:
-      self._write_prompts(self.workdir / "train_examples.txt")
+      self._write_prompts(self.workdir / TRAIN_EXAMPLES_FILE)
 
   # -- prompts --------------------------------------------------------------------------------
 
@@ -243,8 +245,7 @@ class GrpoTask:
     gc, tc = self.gc, self.config.train
     self.run = run
     chunk = tc.logits_chunk_size
-    loss_fn = lambda model, batch, rng: grpo_loss_fn(model, batch, rng, gc=gc,
-                                                     logits_chunk_size=chunk)
+    loss_fn = functools.partial(grpo_loss_fn, gc=gc, logits_chunk_size=chunk)
     self.update = optim.make_train_step(run.graphdef, run.optimizer, loss_fn, run.schedule,
                                         tc.grad_accum_steps, run.state_sharding)
     self.logprob_fn = make_logprob_fn(run.graphdef, temperature=gc.temperature,
