@@ -25,6 +25,8 @@ fp32 matmul peak measured in this run, and roofline time = FLOPs / peak. The las
 
   grpo_step: recllm_jax <s> s, trl <s> s, ratio <trl/ours>x, roofline <roofline time / ours>%
 
+Needs the `bench` extra (`pip install -e '.[bench]'`: TRL and CPU torch).
+
   python benchmarks/grpo_step.py                       # the issue-8 measurement (minutes)
   python benchmarks/grpo_step.py --steps 3 --warmup 2 --trl-steps 2 --trl-warmup 1 \\
       --prompts 2 --generations 2 --new-tokens 8 --layers 2   # smoke run
