@@ -80,8 +80,8 @@ class TrieArrays:
 class ItemTrie:
   """Prefix trie over item token sequences, compiled to flat numpy arrays.
 
-  Build with `ItemTrie(sequences, vocab_size)` or `ItemTrie.from_titles(titles, tokenizer)`;
-  `item` i of the catalog is `sequences[i]`.
+  Build with `ItemTrie(sequences, vocab_size)`, `ItemTrie.from_titles(titles, tokenizer)` or
+  `ItemTrie.from_catalog(catalog, tokenizer)`; `item` i of the catalog is `sequences[i]`.
   """
 
   def __init__(self, sequences: Sequence[Sequence[int]], vocab_size: int, *,
@@ -97,6 +97,7 @@ class ItemTrie:
     self.vocab_size = int(vocab_size)
     self.max_sparse_degree = int(max_sparse_degree)
     self.num_items = len(seqs)
+    self.item_ids: tuple[str, ...] | None = None  # catalog ids of the items (`from_catalog`)
 
     # Distinct sequences = leaves, in lexicographic (DFS pre-order) order: a prefix sorts first.
     unique = sorted(set(seqs))
@@ -181,7 +182,27 @@ class ItemTrie:
                     else len(tokenizer))
     return cls(seqs, vocab_size, **kwargs)
 
+  @classmethod
+  def from_catalog(cls, catalog: Any, tokenizer: Any, *, vocab_size: int | None = None,
+                   **kwargs: Any) -> "ItemTrie":
+    """The trie of every item of a `recllm_jax.data.Catalog`, item i = the catalog's i-th item.
+
+    Unlike `from_titles(catalog.titles())`, which keeps one item per title, every item is
+    included, so item indices are catalog positions and items sharing a title share a leaf
+    (`catalog_ids(leaf)` lists all of them): leaves and item ids cannot drift apart.
+    """
+    trie = cls.from_titles([item.title for item in catalog], tokenizer, vocab_size=vocab_size,
+                           **kwargs)
+    trie.item_ids = tuple(item.item_id for item in catalog)
+    return trie
+
   # -- host utilities ----------------------------------------------------------------------
+
+  def catalog_ids(self, leaf: int) -> list[str]:
+    """Catalog item ids of leaf `leaf`, in catalog order (a trie built by `from_catalog`)."""
+    if self.item_ids is None:
+      raise ValueError("this ItemTrie was not built by ItemTrie.from_catalog: it has no item ids")
+    return [self.item_ids[i] for i in self.leaf_items(leaf)]
 
   def leaf_items(self, leaf: int) -> list[int]:
     """Item indices whose token sequence is leaf `leaf` (duplicates share a leaf)."""

@@ -404,6 +404,18 @@ def _gather_rows(tree: Any, index: jax.Array) -> Any:
   return jax.tree.map(lambda x: x if x.ndim == 0 else jnp.take(x, index, axis=0), tree)
 
 
+def _reorder_beams(cache: KVCache, rows: jax.Array) -> KVCache:
+  """Row i of the new cache is beam `rows[i]`'s: only the generated slots [B*W, K, M, Dh] move.
+
+  The prompt lives once per prompt in `cache.prefix`, which a beam's parent (always a beam of
+  the same prompt) shares, so each step copies O(B*W*M) slots instead of the prompt's
+  O(B*W*(T + M)), and the prompt's keys/values are stored (and read by attention) once, not W
+  times.
+  """
+  k, v, mask = _gather_rows((cache.k, cache.v, cache.mask), rows)
+  return cache.replace(k=k, v=v, mask=mask)
+
+
 def _penalised(scores: jax.Array, lengths: jax.Array, length_penalty: float) -> jax.Array:
   if length_penalty == 0.0:
     return scores
@@ -418,14 +430,18 @@ def _keep_best(scores, *fields, k: int):
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "graphdef", "max_new_tokens", "cache_len", "num_beams", "num_return", "length_penalty",
-    "eos_ids", "pad_id", "spec"))
-def _beam_jit(graphdef, state, ids, mask, trie, history, *, max_new_tokens, cache_len, num_beams,
+    "graphdef", "max_new_tokens", "num_beams", "num_return", "length_penalty", "eos_ids",
+    "pad_id", "spec"))
+def _beam_jit(graphdef, state, ids, mask, trie, history, *, max_new_tokens, num_beams,
               num_return, length_penalty, eos_ids, pad_id, spec):
   _TRACES["count"] += 1
   model = nnx.merge(graphdef, state)
   batch, width, m = ids.shape[0], num_beams, max_new_tokens
-  logits, cache = _prefill(model, ids, mask, cache_len, width)
+  # The prompt's cache [B, K, T, Dh] becomes the W beams' shared prefix; each beam owns only
+  # M slots for what it generates (see `_reorder_beams`).
+  logits, prompt_cache = _prefill(model, ids, mask, ids.shape[1], 1)
+  logits = shard(jnp.repeat(logits, width, axis=0), ("batch", None))  # [B*W, V]
+  cache = model.init_cache(batch * width, m, prefix=prompt_cache)
   vocab = logits.shape[-1]
   cstate = None
   if spec is not None:
@@ -477,7 +493,7 @@ def _beam_jit(graphdef, state, ids, mask, trie, history, *, max_new_tokens, cach
     c = c.replace(alive_scores=alive_scores, alive_tokens=alive_tokens, cstate=cstate,
                   done_scores=done[0], done_sums=done[1], done_tokens=done[2],
                   done_lengths=done[3], done_items=done[4],
-                  cache=_gather_rows(c.cache, rows))
+                  cache=_reorder_beams(c.cache, rows))
     return c, token
 
   def body(c: _BeamCarry) -> _BeamCarry:
@@ -536,6 +552,5 @@ def beam_search(model: Qwen2ForCausalLM, input_ids: Any, attention_mask: Any, *,
   graphdef, state = nnx.split(model)
   return _beam_jit(
       graphdef, state, jnp.asarray(ids), jnp.asarray(mask), trie, history,
-      max_new_tokens=int(max_new_tokens), cache_len=bucket + int(max_new_tokens),
-      num_beams=int(num_beams), num_return=int(num_return), length_penalty=float(length_penalty),
+      max_new_tokens=int(max_new_tokens), num_beams=int(num_beams), num_return=int(num_return), length_penalty=float(length_penalty),
       eos_ids=eos, pad_id=int(pad_token_id), spec=spec)

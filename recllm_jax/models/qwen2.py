@@ -41,21 +41,31 @@ class KVCache:
   Slots are written left to right: a (left-padded) prompt fills slots `[0, T)`, then each decode
   step writes one slot. `mask` marks slots that hold real tokens, so a row's next RoPE position is
   `mask.sum(-1)`.
+
+  `prefix` (beam search) is an optional read-only cache of P < B rows that every row attends to
+  before its own slots, row b seeing prefix row `b // (B // P)`: the W beams of a prompt then share
+  one copy of the prompt's keys/values, and reordering beams only moves their own (generated)
+  slots. Without it the pytree is exactly the plain cache.
   """
 
   k: tuple[jax.Array, ...]  # L x [B, K, S, Dh]
   v: tuple[jax.Array, ...]  # L x [B, K, S, Dh]
   mask: jax.Array  # [B, S] bool
   index: jax.Array  # [] int32, next slot to write
+  prefix: "KVCache | None" = None  # [P, K, S', Dh] layers, shared by B // P consecutive rows
 
   @classmethod
-  def init(cls, cfg: Qwen2Config, batch_size: int, max_length: int, dtype: Any = None) -> "KVCache":
+  def init(cls, cfg: Qwen2Config, batch_size: int, max_length: int, dtype: Any = None,
+           prefix: "KVCache | None" = None) -> "KVCache":
     dtype = cfg.jnp_dtype if dtype is None else dtype
     shape = (batch_size, cfg.num_key_value_heads, max_length, cfg.head_dim)
+    if prefix is not None and batch_size % prefix.mask.shape[0]:
+      raise ValueError(f"KVCache of {batch_size} rows cannot share a prefix of "
+                       f"{prefix.mask.shape[0]} rows: not a multiple")
     # Distinct buffers for every layer's k and v, so the whole cache can be donated.
     zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers))
     return cls(k=zeros(), v=zeros(), mask=jnp.zeros((batch_size, max_length), bool),
-               index=jnp.zeros((), jnp.int32)).constrain()
+               index=jnp.zeros((), jnp.int32), prefix=prefix).constrain()
 
   @property
   def max_length(self) -> int:
@@ -63,22 +73,29 @@ class KVCache:
 
   def next_positions(self) -> jax.Array:
     """[B] RoPE position of each row's next token."""
-    return self.mask.sum(-1).astype(jnp.int32)
+    own = self.mask.sum(-1).astype(jnp.int32)
+    if self.prefix is None:
+      return own
+    shared = self.prefix.next_positions()  # [P]
+    return own + jnp.repeat(shared, own.shape[0] // shared.shape[0])
 
   def repeat(self, n: int) -> "KVCache":
-    """B rows -> B*n rows (row b*n + i is a copy of row b): one prefill serves n samples."""
+    """B rows -> B*n rows (row b*n + i is a copy of row b): one prefill serves n samples.
+
+    A prefix stays as it is: row b*n + i still maps to prefix row b // (B // P)."""
     rep = lambda x: jnp.repeat(x, n, axis=0)
     return KVCache(k=tuple(map(rep, self.k)), v=tuple(map(rep, self.v)), mask=rep(self.mask),
-                   index=self.index).constrain()
+                   index=self.index, prefix=self.prefix).constrain()
 
   def constrain(self) -> "KVCache":
     """Keeps the cache batch- (and head-) sharded under a mesh; a no-op without one."""
     kv = lambda xs: tuple(shard(x, CACHE_AXES) for x in xs)
     return KVCache(k=kv(self.k), v=kv(self.v), mask=shard(self.mask, ("batch", None)),
-                   index=self.index)
+                   index=self.index, prefix=None if self.prefix is None else self.prefix.constrain())
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array,
+              prefix: tuple[jax.Array, jax.Array, jax.Array] | None = None) -> jax.Array:
   """Grouped-query attention. q: [B, T, H, Dh]; k, v: [B, K, S, Dh]; allowed: [B, T, S].
 
   The H query heads are grouped G = H // K per key/value head, so K/V are never repeated, and
@@ -87,6 +104,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> j
   in training than keeping G and T as separate einsum dims. Logits and softmax are fp32 with a
   finite mask value, so fully padded query rows stay finite. Training, scoring and decoding all
   use this one function, so a sampler's log-probs and a trainer's come from the same arithmetic.
+
+  `prefix` = (k, v, mask) of P rows ([P, K, S', Dh], [P, S']) that precede every query of the
+  W = B // P consecutive rows sharing them (a beam search's prompt): their queries are stacked
+  into one [W*G*T, Dh] matrix per (p, k), so the shared keys/values are read once, not W times,
+  and one softmax runs over the S' + S slots.
   """
   b, t, h, dh = q.shape
   kv_heads = k.shape[1]
@@ -97,8 +119,27 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> j
                       preferred_element_type=jnp.float32) * (dh ** -0.5)  # [B, K, M, S]
   logits = logits.reshape(b, kv_heads, g, t, -1)  # [B, K, G, T, S]
   logits = jnp.where(allowed[:, None, None], logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, kv_heads, g * t, -1)
-  out = jnp.einsum("bkms,bksd->bkmd", probs, v)  # [B, K, M, Dh]
+  if prefix is None:
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, kv_heads, g * t, -1)
+    out = jnp.einsum("bkms,bksd->bkmd", probs, v)  # [B, K, M, Dh]
+    return out.reshape(b, kv_heads, g, t, dh).transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
+  pk, pv, pmask = prefix
+  p = pk.shape[0]
+  w = b // p
+  # [B, K, M, *] <-> [P, K, W*M, *]: rows b = p*W + i are B-major, so batch sharding carries over.
+  to_shared = lambda x: x.reshape(p, w, kv_heads, g * t, -1).transpose(0, 2, 1, 3, 4).reshape(
+      p, kv_heads, w * g * t, -1)
+  from_shared = lambda x: x.reshape(p, kv_heads, w, g * t, -1).transpose(0, 2, 1, 3, 4).reshape(
+      b, kv_heads, g * t, -1)
+  shared = jnp.einsum("pkmd,pksd->pkms", to_shared(q), pk,
+                      preferred_element_type=jnp.float32) * (dh ** -0.5)  # [P, K, W*M, S']
+  shared = jnp.where(pmask[:, None, None], shared, jnp.finfo(jnp.float32).min)
+  shared = from_shared(shared).reshape(b, kv_heads, g, t, -1)  # [B, K, G, T, S']
+  probs = jax.nn.softmax(jnp.concatenate([shared, logits], -1), axis=-1).astype(v.dtype)
+  width = pk.shape[2]
+  probs = probs.reshape(b, kv_heads, g * t, -1)  # [B, K, M, S' + S]
+  out = from_shared(jnp.einsum("pkms,pksd->pkmd", to_shared(probs[..., :width]), pv))  # [B, K, M, Dh]
+  out = out + jnp.einsum("bkms,bksd->bkmd", probs[..., width:], v)  # [B, K, M, Dh]
   return out.reshape(b, kv_heads, g, t, dh).transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
 
 
@@ -146,8 +187,10 @@ class Attention(nnx.Module):
     self.o_proj = _Proj(rngs, normal, (h, dh, d), pd, ("q_heads", "head_dim", "embed"), bias=False)
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, allowed: jax.Array,
-               kv: tuple[jax.Array, jax.Array] | None, index: jax.Array | None):
-    """x: [B, T, D]; allowed: [B, T, S] bool. Returns ([B, T, D], updated (k, v) or None)."""
+               kv: tuple[jax.Array, jax.Array] | None, index: jax.Array | None,
+               prefix: tuple[jax.Array, jax.Array, jax.Array] | None = None):
+    """x: [B, T, D]; allowed: [B, T, S] bool; prefix: a shared read-only (k, v, mask), see
+    `attention`. Returns ([B, T, D], updated (k, v) or None)."""
     dt = self.cfg.jnp_dtype
     q = self.q_proj(x, "btd,dhk->bthk")  # [B, T, H, Dh]
     k = self.k_proj(x, "btd,dgk->btgk")  # [B, T, K, Dh]
@@ -163,7 +206,9 @@ class Attention(nnx.Module):
       v = shard(jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, 0, index, 0)),
                 CACHE_AXES)
       new_kv = (k, v)
-    out = attention(q, k.astype(dt), v.astype(dt), allowed)  # [B, T, H, Dh]
+    if prefix is not None:
+      prefix = (prefix[0].astype(dt), prefix[1].astype(dt), prefix[2])
+    out = attention(q, k.astype(dt), v.astype(dt), allowed, prefix)  # [B, T, H, Dh]
     out = self.o_proj(out, "bthk,hkd->btd")  # [B, T, D]
     return out, new_kv
 
@@ -227,8 +272,8 @@ class DecoderLayer(nnx.Module):
                                             cfg.jnp_param_dtype)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x, cos, sin, allowed, kv, index):
-    attn, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, allowed, kv, index)
+  def __call__(self, x, cos, sin, allowed, kv, index, prefix=None):
+    attn, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, allowed, kv, index, prefix)
     x = x + attn
     x = x + self.mlp(self.post_attention_layernorm(x))
     return shard(x, ("batch", "length", "act_embed")), new_kv
@@ -260,8 +305,9 @@ class Qwen2ForCausalLM(nnx.Module):
       self.lm_head = _Proj(rngs, normal, (cfg.hidden_size, cfg.vocab_size), pd,
                            ("embed", "vocab"), bias=False)
 
-  def init_cache(self, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:
-    return KVCache.init(self.cfg, batch_size, max_length, dtype)
+  def init_cache(self, batch_size: int, max_length: int, dtype: Any = None,
+                 prefix: KVCache | None = None) -> KVCache:
+    return KVCache.init(self.cfg, batch_size, max_length, dtype, prefix)
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                positions: jax.Array | None = None, cache: KVCache | None = None,
@@ -297,7 +343,10 @@ class Qwen2ForCausalLM(nnx.Module):
     new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
       kv = None if cache is None else (cache.k[i], cache.v[i])
-      x, layer_kv = forward(layer, x, cos, sin, allowed, kv, index)
+      prefix = None
+      if cache is not None and cache.prefix is not None:
+        prefix = (cache.prefix.k[i], cache.prefix.v[i], cache.prefix.mask)
+      x, layer_kv = forward(layer, x, cos, sin, allowed, kv, index, prefix)
       if layer_kv is not None:
         new_k.append(layer_kv[0])
         new_v.append(layer_kv[1])
@@ -305,7 +354,8 @@ class Qwen2ForCausalLM(nnx.Module):
     out = x if return_hidden else self.project_logits(x)
     if cache is None:
       return out
-    return out, KVCache(k=tuple(new_k), v=tuple(new_v), mask=kv_mask, index=index + length)
+    return out, KVCache(k=tuple(new_k), v=tuple(new_v), mask=kv_mask, index=index + length,
+                        prefix=cache.prefix)
 
   def project_logits(self, x: jax.Array) -> jax.Array:
     """[B, T, D] final hidden states -> fp32 logits [B, T, V]."""

@@ -92,24 +92,23 @@ def training_rows(prompt_ids: np.ndarray, prompt_mask: np.ndarray, rollout: Roll
                   group_size: int, length_multiple: int = 32) -> pipeline.Batch:
   """Prompts [P, Tp] (left-padded) + completions [N, M] -> next-token rows for the update.
 
-  Layout as the SFT pipeline (`input_ids`, `attention_mask`, `targets`, `loss_mask`), so one
-  model forward serves both tasks: row n is prompt n // G followed by its completion; position
-  Tp - 1 + j predicts completion token j; only completion tokens (EOS included) are trained.
-  Completions are cut to the longest one, rounded up to `length_multiple` (few compiled shapes).
+  `input_ids`, `attention_mask`, `targets` are [N, T] as in the SFT pipeline, so one model
+  forward serves both tasks: row n is prompt n // G followed by its completion, and position
+  Tp - 1 + j predicts completion token j. `completion_mask` [N, M'] covers only the last M'
+  positions (the completions, cut to the longest one rounded up to `length_multiple`, so a run
+  compiles few shapes): only those positions are projected to the vocabulary and trained
+  (EOS included).
   """
   n, m = rollout.tokens.shape
   keep = min(m, buckets.round_up(max(int(rollout.lengths.max()), 1), length_multiple))
   completion = rollout.tokens[:, :keep]  # [N, M']
   completion_mask = np.arange(keep)[None, :] < rollout.lengths[:, None]  # [N, M']
-  prompt_ids = np.repeat(prompt_ids, group_size, axis=0)  # [N, Tp]
-  prompt_mask = np.repeat(prompt_mask, group_size, axis=0)
-  ids = np.concatenate([prompt_ids, completion], axis=1)  # [N, Tp + M']
-  mask = np.concatenate([prompt_mask.astype(bool), completion_mask], axis=1)
-  tp = prompt_ids.shape[1]
-  loss_mask = np.zeros((n, tp + keep - 1), np.float32)
-  loss_mask[:, tp - 1:] = completion_mask
+  ids = np.concatenate([np.repeat(prompt_ids, group_size, axis=0), completion], axis=1)
+  mask = np.concatenate([np.repeat(prompt_mask, group_size, axis=0).astype(bool),
+                         completion_mask], axis=1)  # [N, Tp + M']
   return {"input_ids": ids[:, :-1].astype(np.int32), "attention_mask": mask[:, :-1].astype(np.int32),
-          "targets": ids[:, 1:].astype(np.int32), "loss_mask": loss_mask}
+          "targets": ids[:, 1:].astype(np.int32),
+          "completion_mask": completion_mask.astype(np.float32)}
 
 
 # --- the loss ----------------------------------------------------------------------------------
@@ -120,22 +119,26 @@ def grpo_loss_fn(model: Any, batch: Mapping[str, jax.Array], rng: jax.Array, *,
                  ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
   """`optim.LossFn` of a GRPO update over rollout rows (`training_rows` + advantages).
 
+  Log-probs cover the completion positions only ([N, M'], the width of `completion_mask`).
   `old_logp` is absent when mu = 1 (then it is `stop_gradient(logp)`); `ref_logp` when beta = 0.
   """
   del rng
+  mask = batch["completion_mask"]  # [N, M']
   logp, entropy = logprobs_lib.model_token_logprobs(
       model, batch["input_ids"], batch["attention_mask"], batch["targets"],
-      chunk_size=logits_chunk_size, temperature=gc.temperature, with_entropy=True)  # [N, T] x2
+      chunk_size=logits_chunk_size, temperature=gc.temperature, with_entropy=True,
+      last=mask.shape[1])  # [N, M'] x2
   return policy_loss.policy_loss_terms(
       logp, batch.get("old_logp"), batch.get("ref_logp"), batch["advantages"],
-      batch["loss_mask"], loss_type=gc.loss_type, epsilon_low=float(gc.epsilon_low),
+      mask, loss_type=gc.loss_type, epsilon_low=float(gc.epsilon_low),
       epsilon_high=float(gc.epsilon_high), beta=float(gc.beta),
       max_completion_length=gc.max_new_tokens, entropy=entropy,
       entropy_coef=float(gc.entropy_coef))
 
 
 def make_logprob_fn(graphdef: Any, *, temperature: float, logits_chunk_size: int):
-  """Jitted `params, rows -> logp [N, T]` under the loss's own arithmetic (old / ref log-probs)."""
+  """Jitted `params, rows -> logp [N, M']` of the completion positions, under the loss's own
+  arithmetic (the old and reference log-probs)."""
   from flax import nnx
 
   @jax.jit
@@ -143,7 +146,8 @@ def make_logprob_fn(graphdef: Any, *, temperature: float, logits_chunk_size: int
     model = nnx.merge(graphdef, params)
     return logprobs_lib.model_token_logprobs(
         model, rows["input_ids"], rows["attention_mask"], rows["targets"],
-        chunk_size=logits_chunk_size, temperature=temperature)
+        chunk_size=logits_chunk_size, temperature=temperature,
+        last=rows["completion_mask"].shape[1])
 
   return logprob_fn
 
@@ -355,7 +359,7 @@ class GrpoTask:
     rows = training_rows(batch["input_ids"], batch["attention_mask"], rollout, g)
     work = self._work(batch, rows, rollout)
     if gc.mask_truncated_completions:
-      rows["loss_mask"] = rows["loss_mask"] * ~rollout.truncated[:, None]
+      rows["completion_mask"] = rows["completion_mask"] * ~rollout.truncated[:, None]
     rows["advantages"] = np.asarray(advantages, np.float32)
     rows = pipeline.to_global(rows, run.mesh)
     with jax.set_mesh(run.mesh):
@@ -390,21 +394,23 @@ class GrpoTask:
     return state, metrics, work
 
   def _work(self, batch: pipeline.Batch, rows: pipeline.Batch, rollout: Rollout) -> "Work":
-    """Trained tokens and the step's model FLOPs: rollout (prefill once per prompt + one
-    forward per generated token), the old/ref forwards and mu forward+backward passes."""
+    """Trained tokens and the step's useful model FLOPs: the rollout (2 per matmul weight for
+    each prompt token, prefilled once per prompt, and each generated token), then for every
+    row's tokens the decoder (6N + attention per update, a third of it per old/ref forward)
+    and, for completion tokens only, the LM head (the only positions projected)."""
     from recllm_jax.train import metrics as metrics_lib
     from recllm_jax.train.loop import Work
 
     cfg = self.run.model_cfg
-    n = metrics_lib.matmul_params(cfg)
-    trained = int(rows["attention_mask"].sum())
-    seq = rows["input_ids"].shape[1]
+    head = cfg.hidden_size * cfg.vocab_size
+    decoder = metrics_lib.flops_per_token(cfg, rows["input_ids"].shape[1]) - 6.0 * head
+    tokens = int(rows["attention_mask"].sum())
+    completion = int(rows["completion_mask"].sum())
     rollout_tokens = int(batch["attention_mask"].sum()) + int(rollout.lengths.sum())
-    forwards = (self.updates_per_step > 1) + (self.ref_params is not None)
-    flops = (2.0 * n * rollout_tokens
-             + trained * forwards * metrics_lib.flops_per_token(cfg, seq) / 3
-             + trained * self.updates_per_step * metrics_lib.flops_per_token(cfg, seq))
-    return Work(tokens=trained * self.updates_per_step, flops=flops)
+    passes = self.updates_per_step + ((self.updates_per_step > 1) + (self.ref_params is not None)) / 3
+    flops = (2.0 * metrics_lib.matmul_params(cfg) * rollout_tokens
+             + passes * (tokens * decoder + completion * 6.0 * head))
+    return Work(tokens=tokens * self.updates_per_step, flops=flops)
 
   def _log_samples(self, step: int, indices: Sequence[int], samples: Sequence[Any],
                    total: np.ndarray, components: Mapping[str, np.ndarray]) -> None:

@@ -97,9 +97,12 @@ def test_training_rows_put_each_completion_after_its_prompt():
                                                     [21, 22, 23, 2, 0, 0]])
   np.testing.assert_array_equal(rows["targets"][:, 2:], [[31, 2, 0, 0], [32, 33, 2, 0],
                                                          [41, 42, 43, 44], [2, 0, 0, 0]])
-  # Position Tp - 1 + j predicts completion token j, for j < length (EOS included).
-  np.testing.assert_array_equal(rows["loss_mask"], [[0, 0, 1, 1, 0, 0], [0, 0, 1, 1, 1, 0],
-                                                    [0, 0, 1, 1, 1, 1], [0, 0, 1, 0, 0, 0]])
+  # Position Tp - 1 + j predicts completion token j, for j < length (EOS included): the mask
+  # covers the last M' = 4 positions only, the ones the LM head projects.
+  np.testing.assert_array_equal(rows["completion_mask"], [[1, 1, 0, 0], [1, 1, 1, 0],
+                                                          [1, 1, 1, 1], [1, 0, 0, 0]])
+  np.testing.assert_array_equal(rows["targets"][:, -4:] * rows["completion_mask"],
+                                [[31, 2, 0, 0], [32, 33, 2, 0], [41, 42, 43, 44], [2, 0, 0, 0]])
   np.testing.assert_array_equal(rows["attention_mask"], [[0, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1],
                                                          [1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
 

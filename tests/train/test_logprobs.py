@@ -184,3 +184,18 @@ def test_rejects_bad_chunk_size_and_shapes():
   with pytest.raises(ValueError, match="chunk_size"):
     model_token_logprobs(model, jnp.zeros((2, 5), jnp.int32), None,
                          jnp.zeros((2, 5), jnp.int32), chunk_size=-1)
+
+
+@pytest.mark.parametrize("chunk_size", [0, 3])
+def test_last_positions_only_equal_the_tail_of_all_positions(chunk_size):
+  from recllm_jax.train.logprobs import model_token_logprobs
+
+  model = _model()
+  batch = _batch(seed=3)
+  ids, mask, targets = batch["input_ids"], batch["attention_mask"], batch["targets"]
+  full, full_ent = _reference(model(ids, mask), jnp.asarray(targets), 0.7)
+  logp, ent = model_token_logprobs(model, ids, mask, targets, chunk_size=chunk_size,
+                                   temperature=0.7, with_entropy=True, last=5)
+  assert logp.shape == (4, 5)
+  np.testing.assert_allclose(logp, full[:, -5:], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(ent, full_ent[:, -5:], rtol=1e-6, atol=1e-6)

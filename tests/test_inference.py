@@ -1,0 +1,179 @@
+"""recllm_jax.inference: catalog tries with duplicate titles, vote ranking, batching and the
+top-K `recommend` of a tiny direct-format SFT model trained here (~10 s)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recllm_jax import constraints as cons
+from recllm_jax import decoding
+from recllm_jax import inference
+from recllm_jax.data import Catalog, Example, Item
+from recllm_jax.data.synthetic import generate_synthetic
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests" / "train"))
+from configs import sft as sft_configs  # noqa: E402  (configs/ is not an installed package)
+from test_grpo import SFT, configure  # noqa: E402  (the fast tiny SFT setup)
+
+
+class CharTokenizer:
+  """One token per character (code point), enough for trie construction."""
+
+  def encode(self, text, add_special_tokens=False):
+    return [ord(c) for c in text]
+
+  def __len__(self):
+    return 256
+
+
+# --- host pieces ---------------------------------------------------------------------------
+
+
+def test_from_catalog_maps_a_shared_title_to_all_its_items():
+  catalog = Catalog([Item("a", "Red Pen"), Item("b", "Blue Pen"), Item("c", "Red Pen"),
+                     Item("d", "Red")])
+  trie = cons.ItemTrie.from_catalog(catalog, CharTokenizer())
+  assert trie.num_items == 4 and trie.num_leaves == 3  # titles() would keep 3 items only
+  assert trie.item_ids == ("a", "b", "c", "d")
+  red_pen = trie.lookup([ord(c) for c in "Red Pen"])
+  assert trie.catalog_ids(red_pen) == ["a", "c"]
+  assert trie.catalog_ids(trie.lookup([ord(c) for c in "Red"])) == ["d"]
+  assert trie.catalog_ids(trie.lookup([ord(c) for c in "Blue Pen"])) == ["b"]
+  np.testing.assert_array_equal(trie.item_leaf, [red_pen, trie.item_leaf[1], red_pen,
+                                                 trie.item_leaf[3]])
+  with pytest.raises(ValueError, match="from_catalog"):
+    cons.ItemTrie.from_titles(catalog.titles(), CharTokenizer()).catalog_ids(0)
+
+
+def test_rank_by_votes_counts_then_best_score_then_first_seen():
+  votes = [([("x", "X")], -3.0), ([("y", "Y")], -1.0), ([("x", "X"), ("x", "X")], -2.0),
+           ([(None, "Nope")], -0.5), ([("z", "Z")], -1.0), ([("y", "Y")], -4.0),
+           ([], 0.0), ([(None, "Other")], -0.1)]
+  # x: 2 votes (best -2), y: 2 votes (best -1), then 1 vote each: Other -0.1, Nope -0.5, z -1.
+  assert inference.rank_by_votes(votes, 10) == ["y", "x", None, None, "z"]
+  assert inference.rank_by_votes(votes, 2) == ["y", "x"]
+
+
+def test_batch_rows_have_one_size_divisible_by_the_batch_devices():
+  assert list(inference.batch_rows(5, 4, 4)) == [[0, 1, 2, 3], [4, 4, 4, 4]]
+  assert list(inference.batch_rows(3, 32, 8)) == [[0, 1, 2, 2, 2, 2, 2, 2]]
+  assert list(inference.batch_rows(9, 6, 4)) == [list(range(8)), [8] * 8]
+
+
+def test_history_rows_bucket_the_width():
+  index_of = {"a": 0, "b": 1, "c": 2}
+  short = [Example("u", ("a", "b"), ("c",)), Example("v", ("c",), ("a",))]
+  np.testing.assert_array_equal(inference.history_rows(short, index_of),
+                                [[0, 1] + [-1] * 14, [2] + [-1] * 15])
+  long = [Example("u", ("a", "zz") + ("b",) * 16, ("c",))]  # 18 events -> width 32
+  rows = inference.history_rows(long, index_of)
+  assert rows.shape == (1, 32)
+  np.testing.assert_array_equal(rows[0, :18], [0] + [1] * 16 + [-1])  # unknown ids are skipped
+
+
+def test_cot_constrained_needs_cot_prompts():
+  from recllm_jax.data.prompts import PromptConfig
+
+  with pytest.raises(ValueError, match="target_format='cot'"):
+    inference.mode_prompt_config(PromptConfig(target_format="direct"), "cot_constrained")
+  with pytest.raises(ValueError, match="mode="):
+    inference.mode_prompt_config(PromptConfig(), "greedy")
+
+
+# --- a trained model -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """(model, tokenizer, dataset, prompt config) of a tiny direct-format SFT run."""
+  import recllm_jax
+  from recllm_jax.data import load_dataset
+  from recllm_jax.data.prompts import PromptConfig
+  from recllm_jax.train.loop import train
+
+  root = tmp_path_factory.mktemp("inference")
+  data = generate_synthetic(root / "data", num_items=60, num_users=60, seed=0)
+  config = configure(sft_configs.get_config("tiny"), workdir=str(root / "sft"),
+                     **{"data.dir": str(data), "data.prompt.target_format": "direct"}, **SFT)
+  train(config)
+  model, tokenizer, saved = recllm_jax.load_checkpoint(root / "sft")
+  dataset = load_dataset(data, "synthetic")
+  return model, tokenizer, dataset, PromptConfig(**saved.data.prompt.to_dict())
+
+
+def test_beam_returns_k_distinct_catalog_items_independent_of_batching(trained):
+  model, tokenizer, ds, prompt_cfg = trained
+  examples = ds.test[:10]
+  ranked = inference.recommend(model, tokenizer, examples, ds.catalog, prompt_cfg, k=5,
+                               batch_size=8)
+  assert len(ranked) == len(examples)
+  for row in ranked:
+    assert len(row) == 5 and len(set(row)) == 5 and all(i in ds.catalog for i in row), row
+  assert len({tuple(r) for r in ranked}) > 1, "every user got the same list"
+  # The padded tail batch and the batch position do not change an example's list.
+  alone = inference.recommend(model, tokenizer, examples[8:9], ds.catalog, prompt_cfg, k=5,
+                              batch_size=8)
+  assert alone == ranked[8:9]
+
+
+def test_beam_as_wide_as_the_catalog_is_exact_scoring(trained):
+  """With a beam per title nothing is pruned, so the ranking is the exact one: every title
+  teacher-forced after the prompt and ranked by its log-probability (EOS included)."""
+  import jax
+  import jax.numpy as jnp
+
+  from recllm_jax.data import pipeline
+
+  model, tokenizer, ds, prompt_cfg = trained
+  examples = ds.test[:2]
+  titles = sorted({item.title for item in ds.catalog})
+  assert len(titles) == len(ds.catalog)  # synthetic titles are unique: one id per title
+  ranked = inference.recommend(model, tokenizer, examples, ds.catalog, prompt_cfg,
+                               k=len(titles), batch_size=8)
+  eos = tokenizer.eos_token_id
+  for ex, row in zip(examples, ranked):
+    _, prompt = inference.prompt_ids(ex, ds.catalog, tokenizer, prompt_cfg, "beam")
+    seqs = [prompt + tokenizer.encode(t, add_special_tokens=False) + [eos] for t in titles]
+    width = max(map(len, seqs))
+    ids = np.array([s + [pipeline.pad_id(tokenizer)] * (width - len(s)) for s in seqs], np.int32)
+    mask = (np.arange(width)[None] < np.array([len(s) for s in seqs])[:, None]).astype(np.int32)
+    logits = model(jnp.asarray(ids), attention_mask=jnp.asarray(mask))  # [N, T, V]
+    logp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), -1))  # [N, T, V]
+    scores = np.array([sum(logp[n, t - 1, s[t]] for t in range(len(prompt), len(s)))
+                       for n, s in enumerate(seqs)])  # [titles]
+    exact = [titles[i] for i in np.argsort(-scores, kind="stable")]
+    assert [ds.catalog.title(i) for i in row[:10]] == exact[:10]
+
+
+def test_history_exclusion_with_bucketed_widths_reuses_the_decoder(trained):
+  model, tokenizer, ds, prompt_cfg = trained
+  by_length = sorted(ds.test, key=lambda ex: len(ex.history))
+  short, longer = by_length[:8], by_length[-8:]
+  assert len(longer[-1].history) > len(short[-1].history)
+  assert len(longer[-1].history) <= 16  # one history bucket (synthetic histories are short)
+  kwargs = dict(k=4, batch_size=8, exclude_history=True)
+  first = inference.recommend(model, tokenizer, short, ds.catalog, prompt_cfg, **kwargs)
+  compiled = decoding.compile_count()
+  second = inference.recommend(model, tokenizer, longer, ds.catalog, prompt_cfg, **kwargs)
+  assert decoding.compile_count() == compiled
+  for ex, row in zip(short + longer, first + second):
+    assert len(row) == 4 and not set(row) & set(ex.history), (ex.history, row)
+
+
+def test_sample_mode_grounds_votes(trained):
+  model, tokenizer, ds, prompt_cfg = trained
+  ranked = inference.recommend(model, tokenizer, ds.test[:4], ds.catalog, prompt_cfg, k=5,
+                               mode="sample", num_samples=4, max_new_tokens=32,
+                               temperature=0.7, batch_size=8)
+  assert len(ranked) == 4
+  for row in ranked:
+    assert 1 <= len(row) <= 4
+    assert all(i is None or i in ds.catalog for i in row)
+    assert len([i for i in row if i is not None]) == len({i for i in row if i is not None})
+  assert any(i is not None for row in ranked for i in row)
