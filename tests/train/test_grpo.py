@@ -39,12 +39,8 @@ GRPO = {**PROMPT, "grpo.num_generations": 4, "train.batch_size": 2, "grpo.max_ne
 
 
 def configure(config, **overrides):
-  for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  """`config` with dotted-key overrides applied ("data.max_length": 128)."""
+  config.update_from_flattened_dict(overrides)
   return config
 
 

@@ -51,13 +51,8 @@ def make_config(workdir: Path, data: Path, **overrides):
   if overrides.get("model.preset") == "hf":
     # The checkpoint defines the architecture; overriding it would be a ConfigError.
     small = {k: v for k, v in small.items() if k not in ARCH_KEYS}
-  for key, value in {**small, "workdir": str(workdir), "data.dir": str(data),
-                     **overrides}.items():
-    *parents, leaf = key.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  config.update_from_flattened_dict({**small, "workdir": str(workdir), "data.dir": str(data),
+                                     **overrides})
   return config
 
 

@@ -1,0 +1,155 @@
+"""Evaluate a trained LLM recommender: `python scripts/evaluate.py --config <training config>
+--config.workdir=W --split test`.
+
+Takes the same config file (and `--config.key=value` overrides) the model was trained with, so
+the data, prompts and mesh match training; restores the latest checkpoint in W (`--step N` for
+another one) with `recllm_jax.load_checkpoint`, or evaluates an HF directory instead with
+`--hf_dir D` (its own tokenizer, the config's data and prompts). Each example of `--split` gets a
+ranked top-`--k` list from `recllm_jax.inference.recommend` (default: constrained beam search with
+k beams), scored by `recllm_jax.rec.metrics.evaluate_rankings`, the harness of the baselines.
+
+Writes into W:
+  eval_<split>.json         flat metric keys (hr@10, ndcg@10, ...), plus examples_per_s
+  predictions_<split>.jsonl one line per example: user_id, history, targets, ranked ids, titles
+
+A user error (a bad flag or config value, a missing workdir or checkpoint, bad data) ends with
+one line `error: ...` on stderr and exit status 2, like scripts/train.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# scripts/train.py defines the `--config` flag; reuse its one-line flag errors and user-error exit.
+from train import fail, parse_flags  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+
+MODES = ("beam", "cot_constrained", "sample")  # recllm_jax.inference.MODES (not imported: fast --help)
+_SPLIT = flags.DEFINE_enum("split", "test", ["train", "valid", "test"], "Split to evaluate on.")
+_K = flags.DEFINE_integer("k", 20, "List length (beams in beam mode); metrics at 1,3,5,10,20 <= k.")
+_MODE = flags.DEFINE_enum("mode", "beam", list(MODES), "How ranked lists are decoded.")
+_MAX_EXAMPLES = flags.DEFINE_integer("max_examples", 0, "Evaluate the first N examples (0 = all).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Prompts per decoder call.")
+_HF_DIR = flags.DEFINE_string("hf_dir", None, "Evaluate this HF directory instead of a checkpoint.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 0, "Samples per prompt in sampling modes "
+                                    "(0 = k).")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature (sampling modes).")
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 0, "Decode steps (0 = longest title + "
+                                       "EOS for beam, 256 for sampling).")
+_EXCLUDE_HISTORY = flags.DEFINE_bool("exclude_history", False, "Never recommend history items.")
+
+KS = (1, 3, 5, 10, 20)
+
+
+def load_model(config, workdir: Path, mesh):
+  """(model, tokenizer) from `--hf_dir` or the workdir's checkpoint."""
+  from recllm_jax.errors import MissingPathError
+
+  if _HF_DIR.value:
+    import transformers
+
+    from recllm_jax.models.qwen2_hf import load_hf_model
+    path = Path(_HF_DIR.value)
+    if not (path / "config.json").is_file():
+      raise MissingPathError(f"--hf_dir={path}: no config.json; expected an HF model directory")
+    model = load_hf_model(path, dtype=config.model.param_dtype, mesh=mesh,
+                          compute_dtype=config.model.dtype)
+    return model, transformers.AutoTokenizer.from_pretrained(path)
+  import recllm_jax
+  if not (workdir / "config.json").is_file():
+    raise MissingPathError(f"--config.workdir={workdir} holds no trained run (no config.json); "
+                           "train first (scripts/train.py) or pass --hf_dir")
+  model, tokenizer, _ = recllm_jax.load_checkpoint(workdir, _STEP.value, mesh=mesh)
+  return model, tokenizer
+
+
+def prediction_rows(examples, rankings, catalog):
+  """One JSON-ready dict per example (the jsonl lines)."""
+  for ex, ranked in zip(examples, rankings):
+    yield {"user_id": ex.user_id, "history": list(ex.history), "targets": list(ex.targets),
+           "ranked": ranked,
+           "titles": [catalog.title(i) if i is not None and i in catalog else None
+                      for i in ranked]}
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    fail(f"unexpected arguments {argv[1:]}; set config keys as --config.<key>=<value>")
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  logging.getLogger("jax").setLevel(logging.WARNING)
+  if _K.value < 1 or _BATCH_SIZE.value < 1 or _MAX_EXAMPLES.value < 0:
+    fail(f"--k={_K.value}, --batch_size={_BATCH_SIZE.value} must be >= 1 and --max_examples="
+         f"{_MAX_EXAMPLES.value} >= 0")
+  # Imported after flag parsing so that --help stays fast.
+  from ml_collections import config_flags
+
+  from recllm_jax import sharding
+  from recllm_jax.data import load_dataset, popularity
+  from recllm_jax.data.errors import DataError
+  from recllm_jax.data.prompts import PromptConfig
+  from recllm_jax.errors import ConfigError, UserError
+  from recllm_jax.inference import mode_prompt_config, recommend
+  from recllm_jax.rec.metrics import evaluate_rankings, format_table
+  from recllm_jax.train.checks import expand_paths
+  from recllm_jax.train.sft import data_dir
+
+  config = flags.FLAGS.config
+  try:
+    config.get("workdir")  # ml_collections defers a config file's load error to the first access
+  except OSError as e:
+    cause = str(e.__cause__ or e).strip().splitlines()[-1].strip()
+    fail(f"--config={config_flags.get_config_filename(flags.FLAGS['config'])}: {cause}")
+  split, k, mode = _SPLIT.value, _K.value, _MODE.value
+  try:
+    config = expand_paths(config)
+    workdir = Path(config.workdir)
+    prompt_cfg = PromptConfig(**config.data.prompt.to_dict())
+    try:
+      mode_prompt_config(prompt_cfg, mode)
+    except ValueError as e:
+      raise ConfigError(f"--mode={mode}: {e}") from None
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    model, tokenizer = load_model(config, workdir, mesh)
+    dataset = load_dataset(data_dir(config, workdir), config.data.format,
+                           on_bad_data=config.data.on_bad_data, seed=config.seed)
+    examples = dataset.split(split)
+    if _MAX_EXAMPLES.value:
+      examples = examples[:_MAX_EXAMPLES.value]
+    if not examples:
+      raise DataError(f"the {split!r} split is empty; nothing to evaluate")
+    start = time.perf_counter()
+    rankings = recommend(model, tokenizer, examples, dataset.catalog, prompt_cfg, k=k, mode=mode,
+                         batch_size=_BATCH_SIZE.value, num_samples=_NUM_SAMPLES.value or None,
+                         max_new_tokens=_MAX_NEW_TOKENS.value or None,
+                         temperature=_TEMPERATURE.value, exclude_history=_EXCLUDE_HISTORY.value,
+                         rng=config.seed, mesh=mesh, progress=True)
+    seconds = time.perf_counter() - start
+  except UserError as e:
+    fail(f"{type(e).__name__}: {e}")
+  ks = [c for c in KS if c <= k] or [k]
+  metrics = evaluate_rankings(rankings, examples, dataset.catalog, popularity(dataset.train), ks)
+  metrics.update(examples_per_s=len(examples) / seconds, seconds=seconds)
+  workdir.mkdir(parents=True, exist_ok=True)
+  out = workdir / f"eval_{split}.json"
+  out.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+  predictions = workdir / f"predictions_{split}.jsonl"
+  with predictions.open("w", encoding="utf-8") as f:
+    for row in prediction_rows(examples, rankings, dataset.catalog):
+      f.write(json.dumps(row, ensure_ascii=False) + "\n")
+  source = _HF_DIR.value or str(workdir)
+  print(f"\n{split}: {len(examples)} examples, {len(dataset.catalog)} catalog items, mode={mode}, "
+        f"k={k}, {len(examples) / seconds:.1f} examples/s ({seconds:.1f}s)")
+  print(format_table({f"llm ({mode})": metrics}))
+  print(f"model {source}\nwrote {out} and {predictions}")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)
