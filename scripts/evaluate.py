@@ -97,6 +97,7 @@ def main(argv: list[str]) -> None:
   from recllm_jax.data.prompts import PromptConfig
   from recllm_jax.errors import ConfigError, UserError
   from recllm_jax.inference import mode_prompt_config, recommend
+  from recllm_jax.rec import Grounder
   from recllm_jax.rec.metrics import evaluate_rankings, format_table
   from recllm_jax.train.checks import expand_paths
   from recllm_jax.train.sft import data_dir
@@ -125,17 +126,20 @@ def main(argv: list[str]) -> None:
       examples = examples[:_MAX_EXAMPLES.value]
     if not examples:
       raise DataError(f"the {split!r} split is empty; nothing to evaluate")
+    train_popularity = popularity(dataset.train)
+    grounder = Grounder(dataset.catalog, popularity=train_popularity)  # as GRPO grounds titles
     start = time.perf_counter()
     rankings = recommend(model, tokenizer, examples, dataset.catalog, prompt_cfg, k=k, mode=mode,
                          batch_size=_BATCH_SIZE.value, num_samples=_NUM_SAMPLES.value or None,
                          max_new_tokens=_MAX_NEW_TOKENS.value or None,
                          temperature=_TEMPERATURE.value, exclude_history=_EXCLUDE_HISTORY.value,
-                         rng=config.seed, mesh=mesh, progress=True)
+                         rng=config.seed, grounder=grounder, mesh=mesh,
+                         progress=True)
     seconds = time.perf_counter() - start
   except UserError as e:
     fail(f"{type(e).__name__}: {e}")
   ks = [c for c in KS if c <= k] or [k]
-  metrics = evaluate_rankings(rankings, examples, dataset.catalog, popularity(dataset.train), ks)
+  metrics = evaluate_rankings(rankings, examples, dataset.catalog, train_popularity, ks)
   metrics.update(examples_per_s=len(examples) / seconds, seconds=seconds)
   workdir.mkdir(parents=True, exist_ok=True)
   out = workdir / f"eval_{split}.json"

@@ -126,3 +126,32 @@ def test_constrained_beam_search_under_mesh_matches_single_device(tiny, tmp_path
     out = beam_search(sharded, ids, mask, **kwargs)
   np.testing.assert_array_equal(sharding.host_array(out.tokens), np.asarray(ref.tokens))
   np.testing.assert_allclose(sharding.host_array(out.scores), np.asarray(ref.scores), atol=1e-4)
+
+
+def test_shared_prompt_prefix_matches_a_repeated_cache(tiny):
+  """Beam search's cache (the prompt once per prompt as a `prefix`, W beams owning only their
+  generated slots, reordered alone) gives the logits and positions of the plain cache holding W
+  copies of the prompt and reordered whole, step after step."""
+  import jax.numpy as jnp
+  from recllm_jax.decoding import _gather_rows, _reorder_beams
+  from recllm_jax.models.qwen2 import KVCache
+  _, model = tiny
+  w, m = 3, 4
+  ids = jnp.asarray([[0, 0, 11, 12], [21, 22, 23, 24]])  # left-padded: positions differ by row
+  mask = ids > 0
+  _, full = model(ids, mask, cache=model.init_cache(2, 4 + m))
+  full = full.repeat(w)  # [2*W, K, 4 + M, Dh]
+  _, prompt = model(ids, mask, cache=model.init_cache(2, 4))  # [2, K, 4, Dh]
+  shared = model.init_cache(2 * w, m, prefix=prompt)  # own slots [2*W, K, M, Dh]
+  rng = np.random.default_rng(0)
+  for _ in range(m):
+    np.testing.assert_array_equal(shared.next_positions(), full.next_positions())
+    tokens = jnp.asarray(rng.integers(3, VOCAB, (2 * w, 1)), jnp.int32)
+    want, full = model(tokens, jnp.ones_like(tokens, bool), cache=full)  # [2*W, 1, V]
+    got, shared = model(tokens, jnp.ones_like(tokens, bool), cache=shared)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    # Each prompt's new beams descend from random beams of the same prompt (repeats included).
+    rows = jnp.asarray((np.arange(2)[:, None] * w + rng.integers(0, w, (2, w))).reshape(-1))
+    full, shared = _gather_rows(full, rows), _reorder_beams(shared, rows)
+  with pytest.raises(ValueError, match="not a multiple"):
+    KVCache.init(model.cfg, 5, m, prefix=prompt)

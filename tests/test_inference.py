@@ -177,3 +177,23 @@ def test_sample_mode_grounds_votes(trained):
     assert all(i is None or i in ds.catalog for i in row)
     assert len([i for i in row if i is not None]) == len({i for i in row if i is not None})
   assert any(i is not None for row in ranked for i in row)
+
+
+def test_beam_lists_every_item_of_a_shared_title_together(trained):
+  from recllm_jax.data import Catalog, Item
+
+  model, tokenizer, ds, prompt_cfg = trained
+  items = list(ds.catalog)
+  twin = Item("TWIN", items[3].title)  # a second id for an existing title, last in the catalog
+  catalog = Catalog(items + [twin])
+  examples = ds.test[:2]
+  k = len(items) + 1  # a beam per title: every title is returned
+  ranked = inference.recommend(model, tokenizer, examples, catalog, prompt_cfg, k=k,
+                               batch_size=8)
+  plain = inference.recommend(model, tokenizer, examples, ds.catalog, prompt_cfg,
+                              k=len(items), batch_size=8)
+  for row, base in zip(ranked, plain):
+    assert sorted(row) == sorted(i.item_id for i in catalog)
+    at = row.index(items[3].item_id)
+    assert row[at + 1] == "TWIN"  # catalog order within the shared leaf
+    assert [i for i in row if i != "TWIN"] == base  # the ranking of titles is unchanged
