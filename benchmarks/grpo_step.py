@@ -468,9 +468,9 @@ def main() -> None:
   print("shortcuts: we prefill each prompt once per group and repeat its KV cache (TRL "
         f"prefills every prompt G={g} times); both decode with a KV cache (ours: one compiled "
         "loop over a preallocated cache; TRL: transformers.generate, a Python loop with a "
-        "DynamicCache). TRL's forwards project only completion positions to the vocabulary "
-        "(logits_to_keep); ours project every position (prompt included) in chunks, and pad "
-        "prompts to a 64-token bucket. Neither computes old log-probs (mu = 1).")
+        "DynamicCache). Both project only completion positions to the vocabulary (TRL: "
+        "logits_to_keep; ours: in chunks); we pad prompts to a 64-token bucket. Neither "
+        "computes old log-probs (mu = 1).")
   print(f"grpo_step: recllm_jax {t_ours:.2f} s, trl {t_trl:.2f} s, ratio {t_trl / t_ours:.2f}x, "
         f"roofline {flops / peak / t_ours:.1%}")
 
