@@ -4,8 +4,8 @@ Modules, lowest layer first (each imports only modules above it in this list):
 ``errors`` and ``catalog``; ``schema`` (``Example``, ``RecDataset``, file
 names); ``reader_utils``; one module per format (``jsonl``, ``amazon18``) and
 ``synthetic``; ``loading`` (``load_dataset``, ``detect_format``); then
-``prompts``, ``tokenizer`` and the Grain ``pipeline``. The tokenizer helper
-imports ``transformers`` and is therefore imported lazily.
+``tokenizer`` (``encode_prompt``; it imports ``transformers`` only inside
+``train_bpe_tokenizer``), ``prompts`` and the Grain ``pipeline``.
 """
 
 from recllm_jax.data.amazon18 import read_amazon18

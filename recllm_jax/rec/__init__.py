@@ -1,7 +1,7 @@
 """Recommendation-specific RL pieces: title grounding, GRPO rewards and evaluation metrics.
 
 Pure Python/numpy, run on the host between generation and the policy
-update; nothing here touches JAX. The baselines (``recllm_jax.rec.baselines``,
+update: these modules use no JAX (importing the ``recllm_jax`` package itself does). The baselines (``recllm_jax.rec.baselines``,
 whose SASRec uses JAX) are a subpackage imported on demand.
 """
 
