@@ -13,14 +13,13 @@ A user error (a bad flag or config value, a missing path, bad data) ends with on
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # scripts/train.py defines the `--config` flag; reuse its one-line flag errors and user-error exit.
-from train import fail, parse_flags  # noqa: E402
+from train import fail, parse_flags, start_script  # noqa: E402
 
 from absl import app, flags  # noqa: E402
 
@@ -36,11 +35,7 @@ def parse_baseline_flags(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    fail(f"unexpected arguments {argv[1:]}; set config keys as --config.<key>=<value>")
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-  logging.getLogger("absl").setLevel(logging.WARNING)
-  logging.getLogger("jax").setLevel(logging.WARNING)
+  start_script(argv)
   # Imported after flag parsing so that --help stays fast.
   from recllm_jax.data import load_dataset
   from recllm_jax.errors import ConfigError, UserError

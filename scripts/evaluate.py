@@ -19,14 +19,13 @@ one line `error: ...` on stderr and exit status 2, like scripts/train.py.
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # scripts/train.py defines the `--config` flag; reuse its one-line flag errors and user-error exit.
-from train import fail, parse_flags  # noqa: E402
+from train import fail, parse_flags, start_script  # noqa: E402
 
 from absl import app, flags  # noqa: E402
 
@@ -80,11 +79,7 @@ def prediction_rows(examples, rankings, catalog):
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    fail(f"unexpected arguments {argv[1:]}; set config keys as --config.<key>=<value>")
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-  logging.getLogger("absl").setLevel(logging.WARNING)
-  logging.getLogger("jax").setLevel(logging.WARNING)
+  start_script(argv)
   if _K.value < 1 or _BATCH_SIZE.value < 1 or _MAX_EXAMPLES.value < 0:
     fail(f"--k={_K.value}, --batch_size={_BATCH_SIZE.value} must be >= 1 and --max_examples="
          f"{_MAX_EXAMPLES.value} >= 0")

@@ -15,6 +15,8 @@
 # search (its rewards then score exactly the lists evaluation scores). See docs/results.md.
 # Nothing here is dataset-specific: another DATA_DIR in the same format is the only change.
 # A fresh OUT_DIR gives a fresh run; an existing one resumes from its checkpoints.
+# Environment: PYTHON, K (list length), FORMAT (data.format, default amazon18), TITLE (table
+# title), EXAMPLES (print that many example users); scripts/demo.sh sets the last three.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -23,18 +25,21 @@ DATA_DIR="${1:-../shared/data/amazon18/Office_Products}"
 OUT="${2:-workdirs/reproduce}"
 PYTHON="${PYTHON:-python}"
 K="${K:-20}"  # list length and beams; metrics at 1,3,5,10,20 <= K
+FORMAT="${FORMAT:-amazon18}"
 
-for f in items.json valid.csv test.csv; do
-  if [[ ! -f "$DATA_DIR/$f" ]]; then
-    echo "error: $DATA_DIR/$f not found; DATA_DIR must be an Amazon-2018-format folder" >&2
-    exit 2
-  fi
-done
+if [[ "$FORMAT" == amazon18 ]]; then
+  for f in items.json valid.csv test.csv; do
+    if [[ ! -f "$DATA_DIR/$f" ]]; then
+      echo "error: $DATA_DIR/$f not found; DATA_DIR must be an Amazon-2018-format folder" >&2
+      exit 2
+    fi
+  done
+fi
 mkdir -p "$OUT"
 start=$SECONDS
 stage() { echo; echo "=== [$(( SECONDS - start ))s] $*"; }
 
-DATA=(--config.data.format=amazon18 "--config.data.dir=$DATA_DIR"
+DATA=("--config.data.format=$FORMAT" "--config.data.dir=$DATA_DIR"
       --config.data.prompt.target_format=direct)
 
 stage "SFT -> $OUT/sft"
@@ -53,13 +58,14 @@ stage "evaluate GRPO on test"
   "--config.init_from=$OUT/sft" "--config.workdir=$OUT/grpo" --split test --k "$K"
 
 stage "baselines on test"
-"$PYTHON" scripts/baselines.py --config.data.format=amazon18 "--config.data.dir=$DATA_DIR" \
+"$PYTHON" scripts/baselines.py "--config.data.format=$FORMAT" "--config.data.dir=$DATA_DIR" \
   "--config.workdir=$OUT/baselines" --split test
 
 stage "results"
 "$PYTHON" scripts/plot.py --workdir "$OUT/sft"
 "$PYTHON" scripts/plot.py --workdir "$OUT/grpo"
-"$PYTHON" scripts/results_table.py --out "$OUT" --data_dir "$DATA_DIR" \
+"$PYTHON" scripts/results_table.py --out "$OUT" --data_dir "$DATA_DIR" --data_format "$FORMAT" \
   --model "sft=$OUT/sft/eval_test.json" --model "grpo=$OUT/grpo/eval_test.json" \
-  --baselines "$OUT/baselines/baselines_test.json" --title "$(basename "$DATA_DIR"), test"
+  --baselines "$OUT/baselines/baselines_test.json" --title "${TITLE:-$(basename "$DATA_DIR"), test}" \
+  ${EXAMPLES:+--examples "$EXAMPLES" --predictions "$OUT/grpo/predictions_test.jsonl"}
 echo "reproduce.sh: done in $(( SECONDS - start ))s ($DATA_DIR -> $OUT)"

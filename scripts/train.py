@@ -88,12 +88,17 @@ def parse_flags(argv: list[str]) -> list[str]:
     fail(str(e))
 
 
-def main(argv: list[str]) -> None:
+def start_script(argv: list[str]) -> None:
+  """Shared start of the config-driven scripts: no stray arguments, INFO logs without noise."""
   if len(argv) > 1:
     fail(f"unexpected arguments {argv[1:]}; set config keys as --config.<key>=<value>")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save step at INFO.
   logging.getLogger("jax").setLevel(logging.WARNING)  # e.g. "Unable to initialize backend 'tpu'"
+
+
+def main(argv: list[str]) -> None:
+  start_script(argv)
   # Imported after flag parsing so that --help stays fast.
   from recllm_jax.errors import UserError
   from recllm_jax.train.loop import train
