@@ -45,8 +45,10 @@ from recllm_jax import decoding
 from recllm_jax.data import pipeline
 from recllm_jax.errors import ConfigError
 from recllm_jax.train import advantages as adv_lib
+from recllm_jax.train import metrics as metrics_lib
 from recllm_jax.train import logprobs as logprobs_lib
 from recllm_jax.train import policy_loss
+from recllm_jax.train.loop import Work
 
 log = logging.getLogger(__name__)
 
@@ -337,9 +339,8 @@ class GrpoTask:
                                                    self.reward_ctx, self.reward_paths)
     return samples, total, components, reasons
 
-  def step(self, state: Any, batch: pipeline.Batch) -> tuple[Any, dict[str, Any], "Work"]:
+  def step(self, state: Any, batch: pipeline.Batch) -> tuple[Any, dict[str, Any], Work]:
     """Rollout -> rewards -> advantages -> mu updates (see the module docstring)."""
-    from recllm_jax.train.loop import Work
 
     gc, g, run = self.gc, self.gc.num_generations, self.run
     t0 = time.perf_counter()
@@ -393,13 +394,11 @@ class GrpoTask:
       self._log_samples(step, indices, samples, total, components)
     return state, metrics, work
 
-  def _work(self, batch: pipeline.Batch, rows: pipeline.Batch, rollout: Rollout) -> "Work":
+  def _work(self, batch: pipeline.Batch, rows: pipeline.Batch, rollout: Rollout) -> Work:
     """Trained tokens and the step's useful model FLOPs: the rollout (2 per matmul weight for
     each prompt token, prefilled once per prompt, and each generated token), then for every
     row's tokens the decoder (6N + attention per update, a third of it per old/ref forward)
     and, for completion tokens only, the LM head (the only positions projected)."""
-    from recllm_jax.train import metrics as metrics_lib
-    from recllm_jax.train.loop import Work
 
     cfg = self.run.model_cfg
     head = cfg.hidden_size * cfg.vocab_size

@@ -23,6 +23,8 @@ import ml_collections
 from recllm_jax.data import pipeline
 from recllm_jax.data.errors import DataError
 from recllm_jax.train import build, optim
+from recllm_jax.train import metrics as metrics_lib
+from recllm_jax.train.loop import Work
 from recllm_jax.train.logprobs import (DEFAULT_CHUNK_SIZE, model_token_logprobs,
                                        token_logprobs)
 
@@ -163,8 +165,6 @@ class SftTask:
 
   def step(self, state: optim.TrainState, batch: pipeline.Batch):
     """One update on `batch`; logs the rows whose history was budgeted or whose EOS was cut."""
-    from recllm_jax.train import metrics as metrics_lib
-    from recllm_jax.train.loop import Work
 
     batch, stats = pipeline.split_stats(batch)
     state, m = self._update(state, pipeline.to_global(batch, self.run.mesh))
