@@ -88,11 +88,27 @@ def base_config() -> ml_collections.ConfigDict:
   # Sequence positions per LM-head chunk in the loss (train/logprobs.py: no [B, T, V] logits);
   # 0 = all at once.
   c.train.logits_chunk_size = DEFAULT_CHUNK_SIZE
+  # "float32": keep an fp32 master copy of bf16 params in the optimizer state (Adam runs on
+  # it, the params are its bf16 rounding); "" = update the params in model.param_dtype.
+  c.train.master_dtype = ""
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 1
   c.mesh.fsdp = -1  # -1 = all remaining devices
   c.mesh.tensor = 1
+
+  # Multi-host (recllm_jax.distributed, docs/multihost.md): set all three to start the processes
+  # yourself (e.g. on localhost), or none to let JAX detect a TPU pod / SLURM / MPI cluster
+  # (a single plain host then runs without the distributed runtime).
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.coordinator_address = ""  # host:port of process 0
+  c.distributed.num_processes = 0  # 0 = unset
+  c.distributed.process_id = -1  # -1 = unset
+
+  c.profile = ml_collections.ConfigDict()
+  # "N:M": a jax.profiler trace of loop steps N..M (1-based, both included) into
+  # <workdir>/profile; "" = none.
+  c.profile.steps = ""
   return c
 
 

@@ -83,13 +83,11 @@ def logical_rules(rules: LogicalRules) -> Iterator[None]:
     yield
 
 
-def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A `(data, fsdp, tensor)` mesh; one axis may be -1 to take the remaining devices.
+def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
+  """The `(data, fsdp, tensor)` sizes for `num_devices`, with a -1 axis taking the remainder.
 
   Raises ConfigError (a ValueError) when the sizes do not fit the devices.
   """
-  devices = list(jax.devices() if devices is None else devices)
   sizes = [data, fsdp, tensor]
   given = f"mesh.data={data} mesh.fsdp={fsdp} mesh.tensor={tensor}"
   if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
@@ -97,13 +95,24 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
                       "-1 (the remaining devices)")
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
-    if len(devices) % known:
-      raise ConfigError(f"{given}: {len(devices)} devices cannot be split into axes of "
+    if num_devices % known:
+      raise ConfigError(f"{given}: {num_devices} devices cannot be split into axes of "
                         f"{' x '.join(str(s) for s in sizes if s != -1)} and a remainder")
-    sizes[sizes.index(-1)] = len(devices) // known
-  if math.prod(sizes) != len(devices):
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
     raise ConfigError(f"{given}: {' x '.join(map(str, sizes))} = {math.prod(sizes)} devices, "
-                      f"but {len(devices)} are available")
+                      f"but {num_devices} are available")
+  return sizes[0], sizes[1], sizes[2]
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A `(data, fsdp, tensor)` mesh; one axis may be -1 to take the remaining devices.
+
+  Raises ConfigError (a ValueError) when the sizes do not fit the devices.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = mesh_shape(data, fsdp, tensor, len(devices))
   # jax.make_mesh orders devices so that the innermost (tensor) axis gets the fastest links.
   # Auto axes: XLA propagates shardings from the weights and the `shard` constraints.
   return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices,
@@ -216,4 +225,4 @@ def host_array(x: jax.Array) -> np.ndarray:
 
 __all__ = ["LOGICAL_RULES", "MESH_AXES", "LogicalRules", "abstract_module", "active_rules",
            "batch_axis_size", "create_sharded", "host_array", "logical_rules", "logical_shardings",
-           "logical_to_spec", "make_mesh", "shard", "shardings_of"]
+           "logical_to_spec", "make_mesh", "mesh_shape", "shard", "shardings_of"]

@@ -2,7 +2,12 @@
 
 Override any config key with `--config.key=value` (e.g. `--config.train.num_steps=50`);
 unknown keys are rejected. Re-running the same command resumes from the latest checkpoint in
-`--config.workdir`.
+`--config.workdir`; SIGTERM (a preemption notice) saves at the next step boundary and exits 0.
+
+Multi-host: run the same command on every host (one process each). JAX detects TPU pod slices
+and SLURM / Open MPI jobs by itself; elsewhere (e.g. several processes on one machine) set
+`--config.distributed.coordinator_address=host:port --config.distributed.num_processes=N
+--config.distributed.process_id=i` (docs/multihost.md).
 
 A user error (a bad flag or config value, a missing path, bad data, a diverged run: any
 `recllm_jax.errors.UserError`) ends with one line `error: ...` on stderr and exit status 2,
@@ -100,6 +105,9 @@ def start_script(argv: list[str]) -> None:
 def main(argv: list[str]) -> None:
   start_script(argv)
   # Imported after flag parsing so that --help stays fast.
+  import jax
+
+  from recllm_jax import distributed
   from recllm_jax.errors import UserError
   from recllm_jax.train.loop import train
 
@@ -110,6 +118,10 @@ def main(argv: list[str]) -> None:
     cause = str(e.__cause__ or e).strip().splitlines()[-1].strip()
     fail(f"--config={config_flags.get_config_filename(flags.FLAGS['config'])}: {cause}")
   try:
+    # Before anything touches a JAX backend: multi-host runs start the distributed runtime here.
+    distributed.initialize(config)
+    if jax.process_index() != 0:  # one voice: INFO logs and the progress bar from process 0
+      logging.getLogger().setLevel(logging.WARNING)
     train(config)
   except UserError as e:
     fail(f"{type(e).__name__}: {e}")

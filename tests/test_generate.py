@@ -79,6 +79,17 @@ def test_greedy_matches_transformers_with_eos(tiny):
     assert (np.asarray(out.logprobs)[b, lengths[b]:] == 0).all()
 
 
+def test_remat_model_decodes_like_the_plain_one(tiny):
+  """`model.remat` (the 1.5B presets' default) only changes the backward pass: a remat model
+  decodes (GRPO rollouts) the same tokens, where nnx.remat inside the decode loop used to
+  fail with a TraceContextError."""
+  path, _, model = tiny
+  ids, mask = _prompts(2)
+  plain = generate(model, ids, mask, max_new_tokens=8)
+  remat = generate(load_hf_model(path, remat=True), ids, mask, max_new_tokens=8)
+  np.testing.assert_array_equal(np.asarray(remat.tokens), np.asarray(plain.tokens))
+
+
 def test_num_samples_rows_follow_prompts(tiny):
   _, _, model = tiny
   ids, mask = _prompts(3)

@@ -5,7 +5,9 @@ The pipeline is a `grain.MapDataset` so that every batch is a pure function of
 epochs back to back (batches span epoch boundaries, so no example is dropped by
 `drop_remainder` except at the very end), and the iterator state is a single
 integer that the checkpoint saves. A resumed run therefore sees exactly the
-batches an uninterrupted run would have seen.
+batches an uninterrupted run would have seen. Batches do not depend on the number of processes
+either: each process reads only its contiguous block of rows of every global batch
+(`process_batches`), and `to_global` assembles the blocks into global arrays.
 
 Each example becomes `prompt ids + completion ids + eos`, the prompt encoded by
 `tokenizer.encode_prompt` (exactly one BOS). Only completion and eos tokens are
@@ -41,7 +43,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from recllm_jax import buckets as buckets_lib
+from recllm_jax import distributed
 from recllm_jax.data.errors import DataError
+from recllm_jax.errors import ConfigError
 from recllm_jax.data.prompts import SftPair
 from recllm_jax.data.tokenizer import Tokenizer, encode_prompt
 
@@ -117,8 +121,12 @@ def collate(examples: Sequence[TokenizedExample], buckets: Sequence[int], pad_id
 
 
 def split_stats(batch: Batch) -> tuple[Batch, dict[str, int]]:
-  """`(the device part of batch, {stat key: rows with that event})`; `batch` is not modified."""
-  stats = {k: int(np.sum(batch[k])) for k in STAT_KEYS if k in batch}
+  """`(the device part of batch, {stat key: rows with that event})`; `batch` is not modified.
+
+  The counts are over the global batch: with several processes each holds some rows, and the
+  counts are summed over them (a collective: every process calls this for every batch).
+  """
+  stats = distributed.process_sum({k: int(np.sum(batch[k])) for k in STAT_KEYS if k in batch})
   return {k: v for k, v in batch.items() if k not in STAT_KEYS}, stats
 
 
@@ -141,7 +149,7 @@ class PipelineConfig:
 def _process_batch_size(batch_size: int) -> int:
   count = jax.process_count()
   if batch_size % count:
-    raise ValueError(f"batch_size={batch_size} is not divisible by {count} processes")
+    raise ConfigError(f"train.batch_size={batch_size} is not divisible by {count} processes")
   return batch_size // count
 
 
@@ -155,47 +163,71 @@ def tokenize_fn(format_fn: FormatFn, tokenizer: Tokenizer,
   return tokenize
 
 
-def process_slice(examples: Sequence[Any]) -> grain.MapDataset:
-  """This process's slice of `examples`, as a Grain `MapDataset`."""
+def source(examples: Sequence[Any]) -> grain.MapDataset:
+  """`examples` as a Grain `MapDataset` (every process holds the whole, cheap, example list)."""
   if not examples:
     raise DataError("no examples: the dataset split is empty")
-  ds = grain.MapDataset.source(list(examples))
-  # Each process reads a disjoint, equally long slice (a ragged tail would desync hosts).
-  count = jax.process_count()
-  per_process = len(examples) // count
-  if per_process == 0:
-    raise DataError(f"{len(examples)} examples cannot feed {count} processes")
-  return ds[jax.process_index() * per_process:(jax.process_index() + 1) * per_process]
+  return grain.MapDataset.source(list(examples))
+
+
+def process_batches(ds: grain.MapDataset, batch_size: int,
+                    batch_fn: Callable[[list[Any]], Any], *,
+                    drop_remainder: bool = True) -> grain.MapDataset:
+  """This process's share of each global batch of `ds`, one `batch_fn(rows)` per batch.
+
+  Global batch k is `ds[k * B:(k + 1) * B]` (B = `batch_size`, global), exactly what a single
+  process would batch, so a run's batches do not depend on how many processes feed it. Of
+  P processes, process p gets rows [p * B/P, (p + 1) * B/P) of every global batch and reads
+  only those elements (a `MapDataset` is lazy: unread rows are never tokenized). Every process
+  yields the same number of batches; with `drop_remainder=False` the last one may be short or
+  even empty (`batch_fn([])`) on some processes.
+  """
+  local = _process_batch_size(batch_size)
+  first = jax.process_index() * local
+  total = len(ds)
+  num_batches = total // batch_size if drop_remainder else -(-total // batch_size)
+
+  def rows(k: int) -> Any:
+    start = k * batch_size + first
+    return batch_fn([ds[i] for i in range(start, min(start + local, total))])
+
+  return grain.MapDataset.range(num_batches).map(rows)
 
 
 def train_dataset(examples: Sequence[Any], format_fn: FormatFn, tokenizer: Tokenizer,
                   cfg: PipelineConfig) -> grain.MapDataset:
-  """Shuffled, repeated, tokenized, bucketed training batches (numpy, this process's rows)."""
-  ds = process_slice(examples)
-  batch_size = _process_batch_size(cfg.batch_size)
-  if len(ds) < batch_size and cfg.num_epochs is not None:
-    raise DataError(f"{len(ds)} training examples per process is less than one batch of "
-                    f"{batch_size}; lower train.batch_size")
+  """Shuffled, repeated, tokenized, bucketed training batches (numpy, this process's rows).
+
+  Row layout across processes: `process_batches`. Each process pads to the bucket of its own
+  rows; `to_global` widens them to the longest process's bucket (the single-process bucket).
+  """
+  ds = source(examples)
+  if len(ds) < cfg.batch_size and cfg.num_epochs is not None:
+    raise DataError(f"{len(ds)} training examples is less than one batch of "
+                    f"{cfg.batch_size}; lower train.batch_size")
   pad = pad_id(tokenizer)
   buckets = cfg.buckets
-  return (ds.shuffle(seed=cfg.seed)
-          .repeat(cfg.num_epochs)
-          .map(tokenize_fn(format_fn, tokenizer, cfg.max_length))
-          .batch(batch_size, drop_remainder=True,
-                 batch_fn=lambda exs: collate(exs, buckets, pad)))
+  ds = (ds.shuffle(seed=cfg.seed)
+        .repeat(cfg.num_epochs)
+        .map(tokenize_fn(format_fn, tokenizer, cfg.max_length)))
+  return process_batches(ds, cfg.batch_size, lambda exs: collate(exs, buckets, pad))
 
 
 def eval_dataset(examples: Sequence[Any], format_fn: FormatFn, tokenizer: Tokenizer,
                  cfg: PipelineConfig, max_batches: int | None = None) -> grain.MapDataset:
   """Unshuffled eval batches. The last batch is padded with all-masked rows (zero weight)."""
-  ds = process_slice(examples)
-  batch_size = _process_batch_size(cfg.batch_size)
+  ds = source(examples)
   if max_batches is not None:
-    ds = ds[:max_batches * batch_size]
+    ds = ds[:max_batches * cfg.batch_size]
+  batch_size = _process_batch_size(cfg.batch_size)
   pad = pad_id(tokenizer)
   buckets = cfg.buckets
 
   def collate_full(exs: Sequence[TokenizedExample]) -> Batch:
+    if not exs:  # no row of the last global batch fell to this process: all zero rows
+      rows = {k: np.zeros((batch_size, buckets[0]), np.int32) for k in BATCH_KEYS}  # [b, T]
+      rows["loss_mask"] = rows["loss_mask"].astype(np.float32)
+      return {**rows, **{k: np.zeros(batch_size, np.int32) for k in STAT_KEYS}}
     batch = collate(exs, buckets, pad)
     missing = batch_size - len(exs)
     if not missing:
@@ -203,8 +235,8 @@ def eval_dataset(examples: Sequence[Any], format_fn: FormatFn, tokenizer: Tokeni
     # Zero rows: no real tokens, no loss, no events. Pads dim 0 of [B, T] and [B] arrays alike.
     return {k: np.pad(v, [(0, missing)] + [(0, 0)] * (v.ndim - 1)) for k, v in batch.items()}
 
-  return ds.map(tokenize_fn(format_fn, tokenizer, cfg.max_length)).batch(
-      batch_size, drop_remainder=False, batch_fn=collate_full)
+  ds = ds.map(tokenize_fn(format_fn, tokenizer, cfg.max_length))
+  return process_batches(ds, cfg.batch_size, collate_full, drop_remainder=False)
 
 
 def make_iterator(ds: grain.MapDataset, prefetch_threads: int = 0) -> grain.DatasetIterator:
@@ -275,14 +307,58 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(("data", "fsdp")))
 
 
+def pad_columns(batch: Batch, length: int, *, left: bool = False,
+                pad_values: dict[str, int] | None = None) -> Batch:
+  """Pads every [rows, T] array of `batch` to [rows, length] (`[rows]` arrays are kept).
+
+  Right padding by default (training rows), `left=True` for left-padded prompts. Padding is 0,
+  or `pad_values[key]`; callers pad only masked positions, so the value never reaches a loss.
+  """
+  out = dict(batch)
+  for k, v in batch.items():
+    if v.ndim == 2 and v.shape[1] < length:
+      width = (length - v.shape[1], 0) if left else (0, length - v.shape[1])
+      out[k] = np.pad(v, [(0, 0), width], constant_values=(pad_values or {}).get(k, 0))
+  return out
+
+
+def common_length(batch: Batch, *, left: bool = False,
+                  pad_values: dict[str, int] | None = None) -> Batch:
+  """`batch` padded to the longest T of any process (every process must call it).
+
+  Each process buckets its own rows; a jitted step needs one global shape. The buckets are
+  monotone in the longest row, so the largest process bucket is the one a single process
+  holding the whole global batch would have chosen.
+  """
+  lengths = [v.shape[1] for v in batch.values() if v.ndim == 2]
+  if not lengths:
+    return batch
+  return pad_columns(batch, distributed.process_max(max(lengths)), left=left,
+                     pad_values=pad_values)
+
+
 def to_global(batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
   """Assembles this process's rows into global arrays sharded over the mesh's batch axes.
 
   Host-only statistics (`STAT_KEYS`) are left out. Only process-local data is touched, so
-  this is also correct with many hosts.
+  this is also correct with many hosts; with several, each process's [rows, T] arrays are first
+  right-padded to the common T (`common_length`: a collective, every process calls it).
   """
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, v)
+  batch = {k: v for k, v in batch.items() if k not in STAT_KEYS}
+  if jax.process_count() > 1:
+    batch = common_length(batch)
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def host_to_global(batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
+  """Global arrays from a batch that every process holds in full (identical on all of them).
+
+  Each device takes its own rows of the global batch, wherever the mesh puts it, so the result
+  equals the single-process array for any device order (GRPO's rollout rows).
+  """
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
           for k, v in batch.items() if k not in STAT_KEYS}
 
 
@@ -294,7 +370,8 @@ def num_tokens(batch: Batch) -> int:
 __all__ = [
     "BATCH_KEYS", "Batch", "FormatFn", "LOSS_MARKER", "PipelineConfig", "STAT_KEYS",
     "TokenizedExample", "Tokenizer", "batch_sharding", "bucket_lengths", "collate",
-    "eval_dataset", "format_prompts", "format_train_examples", "make_iterator", "num_tokens",
-    "pad_id", "process_slice", "split_stats", "to_global", "tokenize_example", "tokenize_fn",
-    "train_dataset", "write_train_examples",
+    "common_length", "eval_dataset", "format_prompts", "format_train_examples", "host_to_global",
+    "make_iterator", "num_tokens", "pad_columns", "pad_id", "process_batches", "source",
+    "split_stats", "to_global", "tokenize_example", "tokenize_fn", "train_dataset",
+    "write_train_examples",
 ]

@@ -127,13 +127,22 @@ def train_bpe_tokenizer(
   """
   import tokenizers
   import transformers
-  from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+  from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, trainers
+  from transformers.models.qwen2.tokenization_qwen2 import (
+    PRETOKENIZE_REGEX as QWEN2_PRETOKENIZE_REGEX)
 
   n_fixed = 256 + len(SPECIAL_TOKENS) + len(REASONING_TOKENS)
   if vocab_size < n_fixed:
     raise ValueError(f"vocab_size must be >= {n_fixed} (bytes + special tokens), got {vocab_size}")
   tok = tokenizers.Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+  # Qwen2's own normalizer and pre-tokenizer (digits split one by one), so that an exported
+  # checkpoint's tokenizer, which transformers rebuilds as `Qwen2Tokenizer` with these rules,
+  # encodes exactly as in training.
+  tok.normalizer = normalizers.NFC()
+  tok.pre_tokenizer = pre_tokenizers.Sequence([
+    pre_tokenizers.Split(tokenizers.Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated"),
+    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+  ])
   tok.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(
     vocab_size=vocab_size - len(REASONING_TOKENS),

@@ -25,7 +25,9 @@ from recllm_jax.sharding import shard
 def _param(rngs: nnx.Rngs | None, init, shape: Sequence[int], dtype, names: Sequence[str]):
   key = rngs.params() if rngs is not None else jax.random.key(0)
   # Sharding is applied explicitly by `sharding.create_sharded` / `hf_io`, not eagerly here.
-  return nnx.Param(init(key, tuple(shape), dtype), out_sharding=tuple(names),
+  # Sampled in fp32, then rounded: a bf16 model starts from its fp32 twin's weights (sampling
+  # in bf16 draws different numbers), so precision settings can be compared run to run.
+  return nnx.Param(init(key, tuple(shape), jnp.float32).astype(dtype), out_sharding=tuple(names),
                    eager_sharding=False)
 
 
@@ -339,7 +341,9 @@ class Qwen2ForCausalLM(nnx.Module):
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
     x = jnp.take(self.embed_tokens.embedding[...], input_ids, axis=0).astype(cfg.jnp_dtype)
     x = shard(x, ("batch", "length", "act_embed"))  # [B, T, D]
-    forward = _layer_forward_remat if cfg.remat else _layer_forward
+    # Remat only matters under a gradient; decoding (a cache) skips it: `nnx.remat` inside the
+    # decoder's while_loop fails with a TraceContextError.
+    forward = _layer_forward_remat if cfg.remat and cache is None else _layer_forward
     new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
       kv = None if cache is None else (cache.k[i], cache.v[i])

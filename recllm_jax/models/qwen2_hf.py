@@ -287,4 +287,18 @@ def export_hf(model: Qwen2ForCausalLM, out_dir: str | os.PathLike, tokenizer: An
                 f, indent=2)
   if tokenizer is not None:
     tokenizer.save_pretrained(out)
+    if tokenizer.unk_token is None:
+      _write_null_unk_token(out)
   return out
+
+
+def _write_null_unk_token(out: Path) -> None:
+  """Says `unk_token: null` in tokenizer_config.json, as the published R1 checkpoint does.
+
+  transformers 5 loads a qwen2 checkpoint's tokenizer as `Qwen2Tokenizer`, which otherwise adds
+  `<|endoftext|>` as an unknown token: one id more than the model was trained with.
+  """
+  path = out / "tokenizer_config.json"
+  config = json.loads(path.read_text(encoding="utf-8"))
+  config["unk_token"] = None
+  path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

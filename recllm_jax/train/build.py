@@ -23,9 +23,10 @@ from typing import Any
 
 import jax
 import ml_collections
+from etils import epath
 from flax import nnx
 
-from recllm_jax import sharding
+from recllm_jax import paths, sharding
 from recllm_jax.errors import ConfigError, MissingPathError
 from recllm_jax.models import PRESETS, Qwen2ForCausalLM
 from recllm_jax.models.config import Qwen2Config
@@ -47,7 +48,7 @@ TOKENIZER_DIR = "tokenizer"  # a tokenizer trained by the run, inside its workdi
 class InitSource:
   """A parsed `init_from`: a run's workdir (at `step`, None = latest) or an HF directory."""
 
-  path: Path
+  path: epath.Path
   kind: str  # "workdir" | "hf"
   step: int | None = None
 
@@ -57,7 +58,7 @@ def parse_init_from(spec: str) -> InitSource:
   path, _, step = spec.partition("@")
   if step and not step.isdigit():
     raise ConfigError(f"init_from={spec!r}: the part after '@' must be a step number")
-  root = Path(path)
+  root = paths.workdir_path(path)  # a run workdir may be in a bucket
   if (root / "checkpoints").is_dir():
     return InitSource(root, "workdir", int(step) if step else None)
   if step:
@@ -123,7 +124,7 @@ def check_model_path(config: ml_collections.ConfigDict) -> None:
 
 def read_run_config(workdir: str | Path) -> ml_collections.ConfigDict:
   """The resolved config a run wrote into its workdir."""
-  path = Path(workdir) / CONFIG_FILE
+  path = paths.workdir_path(workdir) / CONFIG_FILE
   if not path.is_file():
     raise MissingPathError(f"{path} not found: {workdir} is not a recllm_jax workdir")
   return ml_collections.ConfigDict(json.loads(path.read_text()))
@@ -199,7 +200,7 @@ def restore_params(cfg: Qwen2Config, mesh: jax.sharding.Mesh, workdir: Path,
   their sharded layout; the checkpoint's optimizer state, RNG and data iterator stay on disk."""
   import orbax.checkpoint as ocp
 
-  directory = (workdir / "checkpoints").absolute()
+  directory = paths.workdir_path(workdir) / "checkpoints"
   steps = sorted(int(p.name) for p in directory.iterdir()
                  if p.name.isdigit()) if directory.is_dir() else []
   if not steps:
@@ -280,7 +281,7 @@ def load_checkpoint(workdir: str | Path, step: int | None = None, *,
                     ) -> tuple[Qwen2ForCausalLM, Any, ml_collections.ConfigDict]:
   """(model, tokenizer, config) of a trained workdir at `step` (None = latest): params only,
   no optimizer state and no data iterator. `mesh` defaults to all devices on `fsdp`."""
-  workdir = Path(workdir)
+  workdir = paths.workdir_path(workdir)
   config = read_run_config(workdir)
   mesh = mesh or sharding.make_mesh()
   tokenizer = load_tokenizer(config, workdir)

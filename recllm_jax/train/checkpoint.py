@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 
+from recllm_jax import paths
 from recllm_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str | os.PathLike, *, every: int, keep: int,
                async_save: bool = True):
-    self.directory = Path(workdir).absolute() / "checkpoints"
+    self.directory = paths.workdir_path(workdir) / "checkpoints"  # Orbax takes gs:// too
     if every < 0:
       raise ConfigError(f"train.checkpoint_every={every} must be >= 0 (0 = only the final save)")
     # Orbax's own interval is 1: `save` below decides, so every=0 saves only when forced.

@@ -10,10 +10,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
-from recllm_jax import sharding
+from recllm_jax import paths, sharding
 from recllm_jax.errors import ConfigError, MissingPathError
+from recllm_jax.models.config import dtype_from_name
 from recllm_jax.train import build
 
 # Config keys holding paths (at any depth): `~` and `$VAR` are expanded in them.
@@ -31,6 +33,7 @@ def expand_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   Path keys are `workdir`, `dir`, `path`, `init_from` and any `*_dir`, `*_path`, `*_file`, at
   any depth (`data.dir`, `model.hf_path`, `model.tokenizer_path`, ...). The shell does not expand
   `~` inside `--config.model.hf_path=~/models/x`, so without this such paths would not exist.
+  URIs (`gs://bucket/run`) are left as they are.
   """
   config = config.copy_and_resolve_references()
 
@@ -38,7 +41,7 @@ def expand_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     for key, value in list(node.items()):
       if isinstance(value, ml_collections.ConfigDict):
         visit(value, f"{prefix}{key}.")
-      elif isinstance(value, str) and value and _is_path_key(key):
+      elif isinstance(value, str) and value and _is_path_key(key) and not paths.is_uri(value):
         expanded = os.path.expandvars(os.path.expanduser(value))
         unset = re.search(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", expanded)
         if unset:
@@ -116,10 +119,39 @@ def check_config(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   if config.train.grad_accum_steps < 1:
     raise ConfigError(f"train.grad_accum_steps={config.train.grad_accum_steps} must be >= 1")
   build.check_model_choice(config)
+  check_precision(config)
+  profile_steps(config)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   check_batch_split(batch_rows(config), batch_factors(config, mesh))
   check_paths(config)
   return mesh
+
+
+def check_precision(config: ml_collections.ConfigDict) -> None:
+  """`train.master_dtype` is '' or 'float32', and only set for low-precision params."""
+  master = config.train.master_dtype
+  if not master:
+    return
+  if master != "float32":
+    raise ConfigError(f"train.master_dtype={master!r}; expected '' (none) or 'float32'")
+  if jnp.dtype(dtype_from_name(config.model.param_dtype)) == jnp.float32:
+    raise ConfigError(
+        f"train.master_dtype={master!r} keeps an fp32 copy of low-precision params, but "
+        f"model.param_dtype={config.model.param_dtype!r} already is fp32; set "
+        "model.param_dtype=bfloat16 or train.master_dtype=''")
+
+
+def profile_steps(config: ml_collections.ConfigDict) -> tuple[int, int] | None:
+  """`profile.steps` "N:M" -> (N, M), 1-based loop steps, both included; "" -> None."""
+  spec = config.profile.steps
+  if not spec:
+    return None
+  first, sep, last = str(spec).partition(":")
+  if (not sep or not first.strip().isdigit() or not last.strip().isdigit()
+      or not 1 <= int(first) <= int(last)):
+    raise ConfigError(f"profile.steps={spec!r} must be 'N:M' with 1 <= N <= M (loop steps "
+                      "N to M, both included), or '' for no profile")
+  return int(first), int(last)
 
 
 def batch_rows(config: ml_collections.ConfigDict) -> tuple[str, int]:
@@ -131,4 +163,5 @@ def batch_rows(config: ml_collections.ConfigDict) -> tuple[str, int]:
 
 
 __all__ = ["batch_factors", "batch_rows", "check_batch_split", "check_config",
-           "check_every_keys", "check_paths", "expand_paths", "is_due"]
+           "check_every_keys", "check_paths", "check_precision", "expand_paths", "is_due",
+           "profile_steps"]

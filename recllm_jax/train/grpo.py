@@ -21,6 +21,12 @@ Which log-probs are "old", and how sampling masks enter the ratio:
   `GenerateOutput.logprobs` (under the truncated distribution) are only logged.
 The reference model (for the k3 KL term) is a frozen copy of the initial policy (`init_from`),
 held only when `grpo.beta > 0`; its size is logged at start-up.
+
+Multi-host: each process reads its rows of the prompt batch, then `global_prompts` gathers the
+whole batch onto every process. The rollout runs on all devices (its outputs, sharded over every
+process, are all-gathered with `sharding.host_array`), so every process scores all completions
+and computes the same advantages and metrics as a single process would; the update rows become
+global arrays with `pipeline.host_to_global`. Only process 0 writes files.
 """
 
 from __future__ import annotations
@@ -41,7 +47,8 @@ import numpy as np
 
 from recllm_jax import buckets
 from recllm_jax import constraints as cons
-from recllm_jax import decoding
+from recllm_jax import decoding, distributed, paths
+from recllm_jax.sharding import host_array
 from recllm_jax.data import pipeline
 from recllm_jax.errors import ConfigError
 from recllm_jax.train import advantages as adv_lib
@@ -179,7 +186,7 @@ class GrpoTask:
     from recllm_jax.train.sft import TRAIN_EXAMPLES_FILE, data_dir
 
     self.config = config
-    self.workdir = Path(workdir)
+    self.workdir = paths.workdir_path(workdir)
     gc = self.gc = config.grpo
     if gc.rollout not in ROLLOUTS:
       raise ConfigError(f"grpo.rollout={gc.rollout!r}; expected one of {ROLLOUTS}")
@@ -234,13 +241,25 @@ class GrpoTask:
   def train_iterator(self) -> grain.DatasetIterator:
     """Shuffled, repeated batches of `train.batch_size` prompts (a Grain map dataset)."""
     pad = pipeline.pad_id(self.tokenizer)
-    batch_size = self.config.train.batch_size // jax.process_count()
-    ds = (pipeline.process_slice(list(range(len(self.dataset.train))))
+    ds = (pipeline.source(list(range(len(self.dataset.train))))
           .shuffle(seed=self.config.seed).repeat(None)
-          .map(lambda i: (i, self.prompt("train", i)[1]))
-          .batch(batch_size, drop_remainder=True,
-                 batch_fn=lambda rows: collate_prompts(rows, pad)))
+          .map(lambda i: (i, self.prompt("train", i)[1])))
+    # Each process reads its rows of each global batch; `step` gathers the whole batch.
+    ds = pipeline.process_batches(ds, self.config.train.batch_size,
+                                  lambda rows: collate_prompts(rows, pad))
     return pipeline.make_iterator(ds, self.config.data.prefetch_threads)
+
+  def global_prompts(self, batch: pipeline.Batch) -> pipeline.Batch:
+    """This process's prompt rows -> the whole global batch, on every process.
+
+    Prompts are tiny next to the rollouts, and with the global batch on every host the host
+    side of a step (rewards, advantages, metrics) is the single-process computation, so
+    group and batch statistics are global by construction. A no-op with one process.
+    """
+    if jax.process_count() == 1:
+      return batch
+    pad = {"input_ids": pipeline.pad_id(self.tokenizer)}
+    return distributed.gather_rows(pipeline.common_length(batch, left=True, pad_values=pad))
 
   # -- set-up by the loop ---------------------------------------------------------------------
 
@@ -291,9 +310,10 @@ class GrpoTask:
         out = decoding.beam_search(model, ids, mask, constraint=self._constraint(1, None),
                                    num_beams=g, num_return=g, max_new_tokens=m,
                                    eos_token_id=eos, pad_token_id=pad)
-        tokens = np.asarray(out.tokens).reshape(-1, m)
-        lengths = np.asarray(out.lengths).reshape(-1)
-        lengths = np.where(np.isfinite(np.asarray(out.scores)).reshape(-1), lengths, 0)
+        # host_array: the outputs are sharded over every process's devices.
+        tokens = host_array(out.tokens).reshape(-1, m)
+        lengths = host_array(out.lengths).reshape(-1)
+        lengths = np.where(np.isfinite(host_array(out.scores)).reshape(-1), lengths, 0)
       else:
         kwargs = {}
         if gc.rollout == "cot_constrained":
@@ -302,7 +322,7 @@ class GrpoTask:
                                 temperature=0.0 if greedy else gc.temperature,
                                 top_k=gc.top_k, top_p=gc.top_p, eos_token_id=eos,
                                 pad_token_id=pad, num_samples=g, **kwargs)
-        tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+        tokens, lengths = host_array(out.tokens), host_array(out.lengths)
     last = tokens[np.arange(len(tokens)), np.maximum(lengths - 1, 0)]
     truncated = (lengths >= m) & (last != eos)
     return Rollout(tokens=tokens, lengths=lengths.astype(np.int32), truncated=truncated)
@@ -344,6 +364,7 @@ class GrpoTask:
 
     gc, g, run = self.gc, self.gc.num_generations, self.run
     t0 = time.perf_counter()
+    batch = self.global_prompts(batch)
     rng, rollout_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
     state = state.replace(rng=jax.random.key_data(rng))  # checkpointed: resumes replay rollouts
     rollout = self.rollout(state.params, batch, rollout_rng)
@@ -362,7 +383,7 @@ class GrpoTask:
     if gc.mask_truncated_completions:
       rows["completion_mask"] = rows["completion_mask"] * ~rollout.truncated[:, None]
     rows["advantages"] = np.asarray(advantages, np.float32)
-    rows = pipeline.to_global(rows, run.mesh)
+    rows = pipeline.host_to_global(rows, run.mesh)  # every process holds all rows
     with jax.set_mesh(run.mesh):
       if self.updates_per_step > 1:
         rows["old_logp"] = self.logprob_fn(state.params, rows)
@@ -429,8 +450,7 @@ class GrpoTask:
           f"--- target: {target}\n")
     text = "\n".join(blocks)
     if jax.process_index() == 0:
-      with open(self.workdir / SAMPLES_FILE, "a") as f:
-        f.write(text + "\n")
+      paths.append_text(self.workdir / SAMPLES_FILE, text + "\n")
       self.run.writer.write_text("samples", text, step)
 
   # -- evaluation -----------------------------------------------------------------------------

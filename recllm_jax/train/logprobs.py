@@ -112,7 +112,12 @@ def chunked_token_logprobs(hidden: jax.Array, head: LMHead, targets: jax.Array, 
     # Mark the head as varying over the batch shards here, outside the loop: the transpose of
     # this cast is the one cross-shard sum of its gradient. (Left implicit, the cast would
     # happen at its use inside the loop body, and so would the sum.)
-    head = jax.tree.map(lambda w: jax.lax.pcast(w, batch_axes, to="varying"), head)
+    # The cast is made in fp32 (a no-op for fp32 params), so that sum runs in fp32: bf16
+    # partial gradients summed in bf16 lose precision, and XLA:CPU's AllReducePromotion
+    # aborts on a bf16 psum ("Invalid binary instruction opcode copy", jax 0.10.2).
+    head = jax.tree.map(
+        lambda w: jax.lax.pcast(w.astype(jnp.float32), batch_axes, to="varying").astype(w.dtype),
+        head)
     with sharding.logical_rules(inner_rules):
       return scan(hidden, head, targets)
 

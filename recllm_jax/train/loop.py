@@ -24,16 +24,16 @@ import logging
 import math
 import signal
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, Protocol
 
 import grain
 import jax
 import ml_collections
 import optax
+from etils import epath
 from flax import nnx
 
-from recllm_jax import sharding
+from recllm_jax import distributed, paths, sharding
 from recllm_jax.data import pipeline
 from recllm_jax.errors import ConfigError, UserError
 from recllm_jax.models.config import Qwen2Config
@@ -76,7 +76,7 @@ class Run:
   model_cfg: Qwen2Config
   writer: metrics_lib.MetricsWriter
   initial_params: nnx.State
-  workdir: Path
+  workdir: epath.Path
 
   @property
   def vocab_size(self) -> int:
@@ -105,7 +105,7 @@ class Task(Protocol):
   def evaluate(self, state: optim.TrainState) -> dict[str, float]: ...
 
 
-def make_task(config: ml_collections.ConfigDict, workdir: Path) -> Task:
+def make_task(config: ml_collections.ConfigDict, workdir: epath.Path) -> Task:
   """The `Task` registered as `config.task` in `TASKS`."""
   if config.task not in TASKS:
     raise ConfigError(f"task={config.task!r} is not a known task; expected one of {sorted(TASKS)}")
@@ -118,7 +118,8 @@ def stop_requested() -> Iterator[list[int]]:
   """SIGTERM/SIGINT set a flag (the loop stops at the next step boundary, then saves).
 
   Stopping between steps keeps the saved params and data-iterator state consistent. A second
-  SIGINT interrupts immediately.
+  SIGINT interrupts immediately. With several processes the loop ORs the flags of all of them
+  every step (`distributed.any_process`), so a signal to any host stops all after the same step.
   """
   flag: list[int] = []
 
@@ -146,7 +147,42 @@ def _non_finite(step: int, metrics: dict[str, Any], last_saved: int | None) -> s
           "lower train.lr or a smaller train.max_grad_norm).")
 
 
-def save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
+PROFILE_DIR = "profile"  # <workdir>/profile: jax.profiler traces (`profile.steps`)
+
+
+class StepProfiler:
+  """A `jax.profiler` trace of loop steps `first..last` (1-based, both included) into `directory`.
+
+  `steps=None` traces nothing. After a resume past `first`, tracing starts at the first step
+  that runs (if still <= last). The trace is stopped after step `last` completes on the
+  device (its metrics are fetched first), or by `stop()` when the loop ends early.
+  """
+
+  def __init__(self, steps: tuple[int, int] | None, directory: epath.Path):
+    self.steps = steps
+    self.directory = directory
+    self._active = False
+
+  def before_step(self, step: int) -> None:
+    """Called before step `step` (1-based) runs."""
+    if self.steps and not self._active and self.steps[0] <= step <= self.steps[1]:
+      log.info("profiling steps %d..%d into %s", step, self.steps[1], self.directory)
+      jax.profiler.start_trace(str(self.directory))
+      self._active = True
+
+  def after_step(self, step: int, metrics: Any) -> None:
+    """Called after step `step` returned `metrics` (blocked on, so its device work is traced)."""
+    if self._active and step >= self.steps[1]:
+      jax.block_until_ready(metrics)
+      self.stop()
+
+  def stop(self) -> None:
+    if self._active:
+      self._active = False
+      jax.profiler.stop_trace()
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
   if jax.process_index() == 0:
     (workdir / build.CONFIG_FILE).write_text(
         config.to_json_best_effort(indent=2, sort_keys=True))
@@ -160,20 +196,23 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """
   config = checks.expand_paths(config)
   mesh = checks.check_config(config)
-  workdir = Path(config.workdir)
+  workdir = paths.workdir_path(config.workdir)  # local, or gs://bucket/run
   workdir.mkdir(parents=True, exist_ok=True)
   save_config(config, workdir)
   tc = config.train
   # Measured before any data or checkpoint threads start competing for the CPU.
   peak, peak_source = metrics_lib.peak_flops_per_device(tc.peak_flops)
 
-  task = make_task(config, workdir)
+  # Process 0 first: it writes what the others then reuse (synthetic data, a trained tokenizer).
+  with distributed.main_process_first("make_task"):
+    task = make_task(config, workdir)
   model = build.build_model(config, mesh, task.tokenizer)
   model_cfg = model.cfg
   num_updates = tc.num_steps * task.updates_per_step
   schedule = optim.make_schedule(tc.lr, num_updates, tc.warmup_steps, tc.min_lr_ratio)
   optimizer = optim.make_optimizer(schedule, weight_decay=tc.weight_decay,
-                                   max_grad_norm=tc.max_grad_norm, b1=tc.b1, b2=tc.b2)
+                                   max_grad_norm=tc.max_grad_norm, b1=tc.b1, b2=tc.b2,
+                                   master_dtype=tc.master_dtype)
   graphdef, state = optim.init_train_state(model, optimizer, config.seed)
   del model  # the train state owns the parameters from here on
 
@@ -192,16 +231,21 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
            model_cfg, sum(x.size for x in jax.tree.leaves(state.params)), peak, peak_source)
   throughput = metrics_lib.Throughput(peak * jax.device_count())
   bar = metrics_lib.progress_bar(tc.num_steps, start)
+  profiler = StepProfiler(checks.profile_steps(config), workdir / PROFILE_DIR)
   row: dict[str, Any] = {}
   step, consistent, healthy = start, True, True
   try:
     with jax.set_mesh(mesh), stop_requested() as stop:
-      while step < tc.num_steps and not stop:
+      # any_process: a signal seen by one host stops every host after the same step (so all
+      # save that step together); one tiny collective per step with several processes.
+      while step < tc.num_steps and not distributed.any_process(bool(stop)):
+        profiler.before_step(step + 1)
         batch = next(data)
         consistent = False  # data advanced, state not yet
         state, m, work = task.step(state, batch)
         step += 1
         consistent = True
+        profiler.after_step(step, m)
         throughput.add(work.tokens, work.flops)
         error = _non_finite(step, m, last_saved)
         if error:
@@ -219,6 +263,7 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
           last_saved = step
         bar.update(1)
   finally:
+    profiler.stop()
     bar.close()
     if healthy and consistent and step > (last_saved or 0):
       ckpt.save(step, state, data, force=True)
@@ -227,5 +272,5 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return row
 
 
-__all__ = ["NonFiniteLossError", "Run", "TASKS", "Task", "Work", "make_task", "save_config",
-           "stop_requested", "train"]
+__all__ = ["NonFiniteLossError", "PROFILE_DIR", "Run", "StepProfiler", "TASKS", "Task", "Work",
+           "make_task", "save_config", "stop_requested", "train"]

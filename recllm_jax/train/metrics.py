@@ -19,13 +19,13 @@ import math
 import os
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from recllm_jax import paths
 from recllm_jax.models.config import Qwen2Config
 
 # Dense peak FLOP/s per device for bf16 matmuls (vendor datasheets, no sparsity).
@@ -128,15 +128,15 @@ class MetricsWriter:
 
   def __init__(self, workdir: str | os.PathLike, resume_step: int = 0):
     self.active = jax.process_index() == 0
-    self.path = Path(workdir) / "metrics.jsonl"
+    workdir = paths.workdir_path(workdir)  # may be gs://: tensorboardX writes there too
+    self.path = workdir / "metrics.jsonl"
     self._tb = None
     if not self.active:
       return
     self._truncate(resume_step)
-    self._file = open(self.path, "a")
     try:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+      self._tb = SummaryWriter(str(workdir / "tensorboard"))
     except ImportError:  # TensorBoard is optional.
       pass
 
@@ -150,8 +150,7 @@ class MetricsWriter:
   def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
     row = {"step": int(step), **{k: _scalar(v) for k, v in metrics.items()}}
     if self.active:
-      self._file.write(json.dumps(row) + "\n")
-      self._file.flush()
+      paths.append_text(self.path, json.dumps(row) + "\n")  # closed at once: readable live
       if self._tb is not None:
         for k, v in row.items():
           if k != "step":
@@ -165,7 +164,6 @@ class MetricsWriter:
 
   def close(self) -> None:
     if self.active:
-      self._file.close()
       if self._tb is not None:
         self._tb.close()
 

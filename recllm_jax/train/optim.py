@@ -11,7 +11,7 @@ so params and optimizer moments are updated in place.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from recllm_jax.models.config import dtype_from_name
 from recllm_jax.sharding import shard
 
 # (model, batch, rng) -> (loss_sum, weight, aux sums). Aux values are summed over micro-batches
@@ -57,14 +58,70 @@ def _decay_mask(params: Any) -> Any:
   return jax.tree.map_with_path(decays, params)
 
 
+class MasterParamsState(NamedTuple):
+  """`with_master_params` state: the high-precision copy of the params and the inner state.
+
+  `master` has the params' tree paths (under `.master`), so its shardings follow the params
+  like the optimizer moments do (`_shardings_following_params`).
+  """
+
+  master: Any
+  inner: optax.OptState
+
+
+def with_master_params(inner: optax.GradientTransformation,
+                       master_dtype: Any = jnp.float32) -> optax.GradientTransformation:
+  """`inner` run on a `master_dtype` copy of the params, kept in the optimizer state.
+
+  With bf16 params, an update smaller than half a bf16 step (2^-8 relative, e.g. lr 1e-5 x
+  Adam's ~unit step on weights near 1) rounds back to the old value and is lost for ever. Here
+  the gradients are cast up, `inner` (moments included) runs in `master_dtype` on the master
+  copy, the master accumulates every update, and the returned update moves the params to
+  the master rounded to their own dtype: `apply_updates(params, u)` = cast(master_new).
+
+  The update `cast(master_new) - params` is returned in `master_dtype`: `apply_updates` adds it
+  in that precision before casting down, which lands exactly on the rounded master (the same
+  difference taken in bf16 could itself round). Params already in `master_dtype` are
+  duplicated for nothing; the config check rejects that case.
+  """
+  dtype = jnp.dtype(master_dtype)
+
+  def up(tree):
+    return jax.tree.map(lambda x: x.astype(dtype), tree)
+
+  def init(params):
+    master = up(params)
+    return MasterParamsState(master=master, inner=inner.init(master))
+
+  def update(grads, state, params=None):
+    if params is None:
+      raise ValueError("with_master_params needs the params in update(grads, state, params)")
+    updates, inner_state = inner.update(up(grads), state.inner, state.master)
+    master = optax.apply_updates(state.master, updates)
+    # Both terms are params-dtype values, so their difference is exact in `master_dtype` (for
+    # bf16 in fp32, unless they lie > 2^16 apart) and `params + u` lands on cast(master).
+    to_master = jax.tree.map(lambda m, p: m.astype(p.dtype).astype(dtype) - p.astype(dtype),
+                             master, params)
+    return to_master, MasterParamsState(master=master, inner=inner_state)
+
+  return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(schedule: optax.Schedule, *, weight_decay: float, max_grad_norm: float,
-                   b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8
-                   ) -> optax.GradientTransformation:
-  """Global-norm clipping followed by AdamW (decoupled weight decay on matrices)."""
+                   b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
+                   master_dtype: str = "") -> optax.GradientTransformation:
+  """Global-norm clipping followed by AdamW (decoupled weight decay on matrices).
+
+  `master_dtype` (e.g. "float32", config `train.master_dtype`): run it on a master copy of
+  the params in that dtype (`with_master_params`); "" updates the params in their own dtype.
+  """
   parts = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm > 0 else []
   parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
                            mask=_decay_mask))
-  return optax.chain(*parts)
+  optimizer = optax.chain(*parts)
+  if master_dtype:
+    return with_master_params(optimizer, dtype_from_name(master_dtype))
+  return optimizer
 
 
 def _shardings_following_params(abstract_state: TrainState,
@@ -201,5 +258,6 @@ def make_eval_step(graphdef: nnx.GraphDef, loss_fn: LossFn
   return jax.jit(step)
 
 
-__all__ = ["LossFn", "StepFn", "TrainState", "init_train_state", "make_eval_step",
-           "make_optimizer", "make_schedule", "make_train_step"]
+__all__ = ["LossFn", "MasterParamsState", "StepFn", "TrainState", "init_train_state",
+           "make_eval_step", "make_optimizer", "make_schedule", "make_train_step",
+           "with_master_params"]

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from recllm_jax import paths
 from recllm_jax.data import pipeline
 from recllm_jax.data.errors import DataError
 from recllm_jax.train import build, optim
@@ -114,7 +115,7 @@ class SftTask:
     from recllm_jax.data.prompts import PromptConfig, build_sft_pair
     from recllm_jax.data.loading import load_dataset
 
-    workdir = Path(workdir)
+    workdir = paths.workdir_path(workdir)
     self.config = config
     self.loss_fn = functools.partial(sft_loss_fn,
                                      logits_chunk_size=config.train.logits_chunk_size)
@@ -142,7 +143,9 @@ class SftTask:
     """The first `count` training examples as trained on (tokens decoded, loss start marked)."""
     tokenize = pipeline.tokenize_fn(self._format, self.tokenizer, self.pipeline_config.max_length)
     examples = [tokenize(ex) for ex in self.dataset.train[:count]]
-    return pipeline.write_train_examples(path, examples, self.tokenizer)
+    # Written here, not by `pipeline.write_train_examples`: `path` may be a gs:// epath.Path.
+    path.write_text(pipeline.format_train_examples(examples, self.tokenizer), encoding="utf-8")
+    return path
 
   def train_iterator(self) -> grain.DatasetIterator:
     ds = pipeline.train_dataset(self.dataset.train, self._format, self.tokenizer,

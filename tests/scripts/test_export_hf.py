@@ -123,10 +123,6 @@ def test_exported_tokenizer_and_configs_are_the_runs(workdir, exported):
       tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "transformers 5 loads any qwen2 checkpoint's tokenizer as Qwen2Tokenizer (Qwen2's NFC + "
-    "digit-splitting regex, and <|endoftext|> as unk): needs train_bpe_tokenizer to train with "
-    "those rules and export_hf to write unk_token: null"))
 def test_auto_tokenizer_loads_the_runs_tokenizer(workdir, exported):
   import transformers
 
