@@ -100,7 +100,10 @@ def trained(tmp_path_factory):
   root = tmp_path_factory.mktemp("inference")
   data = generate_synthetic(root / "data", num_items=60, num_users=60, seed=0)
   config = configure(sft_configs.get_config("tiny"), workdir=str(root / "sft"),
-                     **{"data.dir": str(data), "data.prompt.target_format": "direct"}, **SFT)
+                     **{"data.dir": str(data), "data.prompt.target_format": "direct",
+                        # 300 steps: at 150, free sampling spells a real title in 2 of 64
+                        # samples (digits are single tokens under Qwen2's pre-tokenizer).
+                        **SFT, "train.num_steps": 300})
   train(config)
   model, tokenizer, saved = recllm_jax.load_checkpoint(root / "sft")
   dataset = load_dataset(data, "synthetic")

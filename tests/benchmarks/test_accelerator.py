@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_benchmark
 
 SMOKE = ["--layers", "1", "--hidden", "64", "--intermediate", "128", "--heads", "4",
          "--kv_heads", "2", "--vocab", "512", "--sft_len", "32", "--prompt_len", "16",
@@ -13,11 +12,7 @@ SMOKE = ["--layers", "1", "--hidden", "64", "--intermediate", "128", "--heads", 
 
 
 def _benchmark():
-  path = Path(__file__).resolve().parents[2] / "benchmarks" / "accelerator.py"
-  spec = importlib.util.spec_from_file_location("accelerator", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_benchmark("accelerator")
 
 
 def test_refuses_cpu_without_allow_cpu(capsys):

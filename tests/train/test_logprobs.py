@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +16,7 @@ from recllm_jax.models.config import tiny
 from recllm_jax.train.logprobs import (DEFAULT_CHUNK_SIZE, chunked_token_logprobs,
                                        model_token_logprobs, token_logprobs)
 from recllm_jax.train.sft import sft_loss_fn
+from benchmark_scripts import load_benchmark
 
 VOCAB = 64
 
@@ -150,11 +149,7 @@ def test_chunked_logprobs_and_grads_on_a_mesh_match_one_device():
 
 
 def _vocab_memory_benchmark():
-  path = Path(__file__).resolve().parents[2] / "benchmarks" / "vocab_memory.py"
-  spec = importlib.util.spec_from_file_location("vocab_memory", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_benchmark("vocab_memory")
 
 
 def test_chunked_loss_gradient_never_holds_full_logits():
