@@ -465,7 +465,7 @@ def main() -> None:
         f"{_fmt((x / 1e9 for x in peaks), 0)}: start, between the sides, end)")
   t_ours, flops = report_ours(args, cfg, ours, record, peak)
   t_trl = report_trl(args, cfg, theirs, prompt_lengths, peak)
-  print("shortcuts: we prefill each prompt once per group and repeat its KV cache (TRL "
+  print("shortcuts: we prefill each prompt once per group and share its KV cache (TRL "
         f"prefills every prompt G={g} times); both decode with a KV cache (ours: one compiled "
         "loop over a preallocated cache; TRL: transformers.generate, a Python loop with a "
         "DynamicCache). Both project only completion positions to the vocabulary (TRL: "

@@ -158,17 +158,22 @@ def _left_align(input_ids: Any, attention_mask: Any, bucket: int, pad_id: int):
 
 def _prefill(model: Qwen2ForCausalLM, ids: jax.Array, mask: jax.Array, cache_len: int,
              repeats: int) -> tuple[jax.Array, KVCache]:
-  """Runs the prompts [B, T] once, then repeats cache and last logits to B*repeats rows."""
-  batch = ids.shape[0]
+  """Runs the prompts [B, T] once, for B*repeats rows of `cache_len` slots in all.
+
+  With repeats > 1 (a GRPO group) the prompts' cache becomes the read-only shared prefix of the
+  `repeats` consecutive rows of each prompt, and each row owns only its `cache_len - T` new
+  slots: decoding reads a prompt's keys and values once per group instead of once per row.
+  """
+  batch, length = ids.shape
   ids = shard(ids, ("batch", None))
   mask = shard(mask, ("batch", None))
-  cache = model.init_cache(batch, cache_len)
+  cache = model.init_cache(batch, length if repeats > 1 else cache_len)
   hidden, cache = model(ids, mask, cache=cache, return_hidden=True)
   # Prompts are left-padded so the last slot is real; only it needs the LM head.
   logits = model.project_logits(hidden[:, -1:])[:, 0]  # [B, V]
   if repeats > 1:
-    cache = cache.repeat(repeats)
-    logits = jnp.repeat(logits, repeats, axis=0)
+    cache = model.init_cache(batch * repeats, cache_len - length, prefix=cache)
+    logits = jnp.repeat(logits, repeats, axis=0)  # [B*repeats, V]
   return shard(logits, ("batch", None)), cache.constrain()
 
 

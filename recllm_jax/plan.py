@@ -12,7 +12,8 @@ What follows the code exactly, from `jax.eval_shape` of the real pieces:
   optimizer state `optim.make_optimizer(...).init` (AdamW moments, an fp32 master copy when
                   `train.master_dtype` is set, counters), laid out like `optim.init_train_state`
                   does (moments follow their parameter), plus the train state's step and RNG;
-  KV cache        `KVCache.init` for the rollout rows, sharded by `models.qwen2.CACHE_AXES`.
+  KV cache        `KVCache.init` for the rollout, sharded by `models.qwen2.CACHE_AXES`: the
+                  prompts' slots once (a group's G rows share them) and each row's new slots.
 Derived from those: gradients (params-shaped; a second copy accumulates micro-batches) and the
 GRPO reference model (a params copy, only when `grpo.beta > 0`).
 Estimated by formula (see `layer_activation_bytes`, `lm_head_bytes`, `rollout_work_bytes`):
@@ -244,9 +245,8 @@ def rollout_work_bytes(cfg: Qwen2Config, prompts: int, rows: int, prompt_len: in
                        slots: int) -> int:
   """Buffers of one rollout besides its KV cache, for one device's `prompts` (x G = `rows`).
 
-  Prefill of the prompts: the one-prompt-per-row cache before it is repeated G times
-  (prompts/rows of the KV cache, counted by the caller), one layer's attention probabilities
-  (4 + c)*H*T*S and MLP 3*c*F per token. Sampling: 4 fp32 [rows, V] arrays (logits,
+  Prefill of the prompts (into the cache their G rows then share, counted by the caller): one
+  layer's attention probabilities (4 + c)*H*T*S and MLP 3*c*F per token. Sampling: 4 fp32 [rows, V] arrays (logits,
   log-probs, sorted copy for top-p, CDF).
   """
   c = jnp.dtype(cfg.dtype).itemsize
@@ -355,10 +355,14 @@ def plan(config: ml_collections.ConfigDict, num_devices: int, *,
     new = int(gc.max_new_tokens)
     seq_len, positions, slots = prompt_len + new - 1, new, prompt_len + new
     prompts = config.train.batch_size
-    kv = kv_cache_bytes(model_cfg, rows, slots, mesh)
-    prompt_kv = kv_cache_bytes(model_cfg, prompts, slots, mesh) if rows > prompts else 0
-    work = prompt_kv + rollout_work_bytes(model_cfg, max(prompts // batch_split, 1),
-                                          rows // batch_split, prompt_len, slots)
+    if rows > prompts:  # a group's rows share their prompt's cache as a prefix (decoding._prefill)
+      kv = kv_cache_bytes(model_cfg, prompts, prompt_len, mesh) + kv_cache_bytes(
+          model_cfg, rows, new, mesh)
+      prefill_slots = prompt_len
+    else:
+      kv, prefill_slots = kv_cache_bytes(model_cfg, rows, slots, mesh), slots
+    work = rollout_work_bytes(model_cfg, max(prompts // batch_split, 1), rows // batch_split,
+                              prompt_len, prefill_slots)
     reference = params if gc.beta > 0 else 0
   tokens = micro_rows * seq_len
   return MemoryPlan(
@@ -433,7 +437,7 @@ def format_plan(p: MemoryPlan, device: Device, margin: float = DEFAULT_MARGIN) -
     lines += [
         f"{'reference model' if p.reference else 'reference model (grpo.beta=0: none)':40s} "
         f"{_gib(p.reference)}",
-        f"{f'KV cache ({p.rows // p.mesh[0] // p.mesh[1]} rows x {p.kv_slots} slots)':40s} "
+        f"{f'KV cache ({p.rows // p.mesh[0] // p.mesh[1]} rows, {p.kv_slots} slots)':40s} "
         f"{_gib(p.kv_cache)}   rollout",
         f"{'rollout prefill + sampling (est.)':40s} {_gib(p.rollout_work)}   rollout"]
   lines += [

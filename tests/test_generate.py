@@ -97,6 +97,9 @@ def test_num_samples_rows_follow_prompts(tiny):
   grouped = generate(model, ids, mask, max_new_tokens=6, num_samples=3)
   np.testing.assert_array_equal(np.asarray(grouped.tokens),
                                 np.repeat(np.asarray(single.tokens), 3, axis=0))
+  # A group reads its prompt from one shared prefix cache: the same log-probs as a lone row.
+  np.testing.assert_allclose(np.asarray(grouped.logprobs),
+                             np.repeat(np.asarray(single.logprobs), 3, axis=0), atol=1e-6)
   sampled = generate(model, ids, mask, max_new_tokens=6, num_samples=4, temperature=1.0,
                      rng=jax.random.key(0))
   assert np.asarray(sampled.tokens).shape == (12, 6)
