@@ -49,8 +49,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["ItemTrie", "TrieArrays", "CatalogConstraint", "ConstraintSpec", "ConstraintState",
-           "init_state", "allowed_tokens", "advance", "TriggerSpec", "TriggerState",
+__all__ = ["ItemTrie", "TrieArrays", "PriorArrays", "CatalogConstraint", "ConstraintSpec",
+           "ConstraintState", "init_state", "allowed_tokens", "advance", "TriggerSpec", "TriggerState",
            "check_trigger", "trigger_init", "trigger_allowed", "trigger_advance", "trigger_active"]
 
 
@@ -75,6 +75,20 @@ class TrieArrays:
   vocab_size: int = flax.struct.field(pytree_node=False)
   max_sparse_degree: int = flax.struct.field(pytree_node=False)
   search_steps: int = flax.struct.field(pytree_node=False)
+
+
+@flax.struct.dataclass
+class PriorArrays:
+  """What a per-row prior over leaves needs beyond `TrieArrays` (`ItemTrie.prior_arrays`).
+
+  Every (node, leaf below it) pair, so that node masses are sums of positive leaf masses (a
+  scatter-add) rather than differences of a cumulative sum, which lose the small masses of
+  tail items to float32 cancellation.
+  """
+
+  pair_node: jax.Array  # [P] int32 node of each pair, P = sum over leaves of (length + 1)
+  pair_leaf: jax.Array  # [P] int32 leaf of each pair
+  max_degree: int = flax.struct.field(pytree_node=False)  # most children of any node
 
 
 class ItemTrie:
@@ -231,6 +245,36 @@ class ItemTrie:
           f"end token {int(self.token[clash[0] + 1])} continues a title after the complete "
           f"title {list(self.leaf_sequences[self.leaf_lo[n]])}: choose a delimiter/EOS that "
           "never occurs inside titles")
+
+  def leaf_log_prior(self, item_log_prior: Any) -> np.ndarray:
+    """[B, I] per-item log-probabilities (catalog order) -> [B, L] per-leaf log masses.
+
+    Items sharing a title share a leaf, so a leaf's mass is the sum of its items' masses
+    (log-sum-exp, in float64 so that tiny masses survive); -inf items add nothing.
+    """
+    logp = np.asarray(item_log_prior, np.float64)
+    if logp.ndim != 2 or logp.shape[1] != self.num_items:
+      raise ValueError(f"item log-prior must be [B, num_items={self.num_items}], got {logp.shape}")
+    top = np.max(logp, axis=1, keepdims=True)  # [B, 1]
+    top = np.where(np.isfinite(top), top, 0.0)
+    mass = np.zeros((logp.shape[0], self.num_leaves), np.float64)  # [B, L]
+    np.add.at(mass.T, self.item_leaf, np.exp(logp - top).T)
+    with np.errstate(divide="ignore"):
+      return (np.log(mass) + top).astype(np.float32)
+
+  def prior_arrays(self) -> "PriorArrays":
+    """Device arrays that turn a per-leaf prior into per-node masses (`PriorArrays`), cached."""
+    if not hasattr(self, "_prior"):
+      # Node n's leaves are the contiguous range [leaf_lo[n], leaf_hi[n]) (DFS leaf order), so
+      # its (node, leaf) pairs are one arange per node: sum(len(title) + 1) pairs in all.
+      width = (self.leaf_hi - self.leaf_lo).astype(np.int64)  # [N]
+      pair_node = np.repeat(np.arange(self.num_nodes, dtype=np.int64), width)  # [P]
+      starts = np.concatenate([[0], np.cumsum(width)[:-1]])  # [N] first pair of each node
+      pair_leaf = np.arange(pair_node.size) - np.repeat(starts - self.leaf_lo, width)  # [P]
+      self._prior = PriorArrays(pair_node=jnp.asarray(pair_node, jnp.int32),
+                                pair_leaf=jnp.asarray(pair_leaf, jnp.int32),
+                                max_degree=self.max_degree)
+    return self._prior
 
   @property
   def nbytes(self) -> int:

@@ -83,8 +83,9 @@ class BeamSearchOutput:
   """Result of `beam_search`, best first.
 
   tokens: [B, R, M] int32 sequences (pad after EOS). lengths: [B, R] including the EOS.
-  scores: [B, R] fp32 sum of token log-probs (model log-softmax, EOS included), -inf where
-    fewer than R valid sequences exist. Ranking uses scores / lengths**length_penalty.
+  scores: [B, R] fp32 sum of token log-probs (model log-softmax, EOS included), plus
+    `prior_weight * log p_prior(item)` with a prior; -inf where fewer than R valid sequences
+    exist. Ranking uses scores / lengths**length_penalty.
   items: [B, R] int32 trie leaf id of each sequence (constrained), else None.
   steps: [] int32 decode steps actually run (early stop once no live beam can improve).
   """
@@ -434,11 +435,51 @@ def _keep_best(scores, *fields, k: int):
                                              axis=1) for f in fields)
 
 
+def _prior_log_masses(parrays: cons.PriorArrays, prior: jax.Array,
+                      num_nodes: int) -> tuple[jax.Array, jax.Array]:
+  """[B, L] leaf log-priors -> log of the normalised mass below every node [B, N] and of every
+  leaf [B, L] (the root's mass is 1)."""
+  p = jax.nn.softmax(prior.astype(jnp.float32), axis=-1)  # [B, L]
+  mass = jnp.zeros((p.shape[0], num_nodes), jnp.float32)
+  mass = mass.at[:, parrays.pair_node].add(p[:, parrays.pair_leaf])  # [B, N]
+  return jnp.log(mass), jnp.log(p)
+
+
+def _prior_bias(trie: cons.TrieArrays, parrays: cons.PriorArrays, node_lm: jax.Array,
+                leaf_lm: jax.Array, node: jax.Array, eos_id: int, weight: jax.Array) -> jax.Array:
+  """[R, V] bias `weight * (log mass(child(node, t)) - log mass(node))` for each row at trie
+  node `node` [R] (rows r // W of node_lm / leaf_lm [B, ...]); EOS at a title's end gets
+  `weight * (log p(its leaf) - log mass(node))`. Summed along a path it telescopes to
+  `weight * log p(leaf)`. Tokens that are not children get 0: the constraint masks them.
+
+  Children come from the node's edge segment padded to the largest degree ([R, C]) and are
+  scattered into the [R, V] row once; nothing per child is [R, V].
+  """
+  rows, vocab = node.shape[0], trie.vocab_size
+  b = jnp.arange(rows) // (rows // node_lm.shape[0])  # [R] prompt of each beam row
+  start, stop = trie.first_child[node], trie.first_child[node + 1]  # [R]
+  idx = start[:, None] + jnp.arange(parrays.max_degree)  # [R, C]
+  is_child = idx < stop[:, None]
+  idx = jnp.minimum(idx, trie.token.shape[0] - 1)
+  here = node_lm[b, node][:, None]  # [R, 1]
+  # -inf - -inf would be NaN: a child (or leaf) without mass is unreachable, whatever `here` is.
+  drop = lambda lm: jnp.where(lm > _NEG_INF, lm - here, _NEG_INF)
+  step = drop(node_lm[b[:, None], idx])  # [R, C]
+  own = drop(leaf_lm[b, trie.leaf_lo[node]][:, None])[:, 0]  # [R]
+  # A zero weight must leave masses out entirely (0 * -inf is NaN): identical to no prior.
+  scale = lambda x: jnp.where(weight > 0, weight * x, 0.0)
+  tok = jnp.where(is_child, trie.token[idx], vocab)  # [R, C], V = dropped
+  bias = jnp.zeros((rows, vocab), jnp.float32).at[jnp.arange(rows)[:, None], tok].set(
+      scale(step), mode="drop")
+  eos = jnp.where(trie.terminal[node], eos_id, vocab)  # [R]
+  return bias.at[jnp.arange(rows), eos].set(scale(own), mode="drop")
+
+
 @functools.partial(jax.jit, static_argnames=(
     "graphdef", "max_new_tokens", "num_beams", "num_return", "length_penalty", "eos_ids",
     "pad_id", "spec"))
-def _beam_jit(graphdef, state, ids, mask, trie, history, *, max_new_tokens, num_beams,
-              num_return, length_penalty, eos_ids, pad_id, spec):
+def _beam_jit(graphdef, state, ids, mask, trie, history, prior, parrays, prior_weight, *,
+              max_new_tokens, num_beams, num_return, length_penalty, eos_ids, pad_id, spec):
   _TRACES["count"] += 1
   model = nnx.merge(graphdef, state)
   batch, width, m = ids.shape[0], num_beams, max_new_tokens
@@ -453,6 +494,8 @@ def _beam_jit(graphdef, state, ids, mask, trie, history, *, max_new_tokens, num_
     if history is not None:
       history = jnp.repeat(history, width, axis=0)
     cstate = cons.init_state(trie, spec, batch * width, history)
+  if prior is not None:
+    node_lm, leaf_lm = _prior_log_masses(parrays, prior, trie.token.shape[0])  # [B, N], [B, L]
   neg = jnp.full((batch, num_return), _NEG_INF, jnp.float32)
   carry = _BeamCarry(
       step=jnp.zeros((), jnp.int32), logits=logits, cache=cache,
@@ -466,6 +509,9 @@ def _beam_jit(graphdef, state, ids, mask, trie, history, *, max_new_tokens, num_
     """Scores all W*V continuations, files finished ones, keeps the best W live ones."""
     logp = jax.nn.log_softmax(c.logits, axis=-1)  # [B*W, V] model log-probs
     if spec is not None:
+      if prior is not None:
+        logp = logp + _prior_bias(trie, parrays, node_lm, leaf_lm, c.cstate.node,
+                                  spec.eos_token_id, prior_weight)
       logp = jnp.where(cons.allowed_tokens(trie, spec, c.cstate), logp, _NEG_INF)
     total = (c.alive_scores.reshape(-1, 1) + logp).reshape(batch, width * vocab)  # [B, W*V]
     cand_scores, cand = jax.lax.top_k(total, 2 * width)  # [B, 2W]
@@ -507,7 +553,7 @@ def _beam_jit(graphdef, state, ids, mask, trie, history, *, max_new_tokens, num_
     return c.replace(step=c.step + 1, logits=logits, cache=cache.constrain())
 
   def cond(c: _BeamCarry) -> jax.Array:
-    # Log-probs only decrease, so once no live beam can beat the R-th finished one, stop.
+    # Log-probs (and prior steps, log mass(child) - log mass(node) <= 0) only decrease, so once no live beam can beat the R-th finished one, stop.
     best_len = m if length_penalty > 0 else c.step + 1
     best_live = _penalised(jnp.max(c.alive_scores, -1), best_len, length_penalty)  # [B]
     settled = jnp.all(best_live <= c.done_scores[:, -1])
@@ -533,7 +579,8 @@ def beam_search(model: Qwen2ForCausalLM, input_ids: Any, attention_mask: Any, *,
                 constraint: cons.CatalogConstraint | None, num_beams: int, num_return: int,
                 max_new_tokens: int, length_penalty: float = 0.0,
                 eos_token_id: int | Sequence[int] | None = None,
-                pad_token_id: int = 0) -> BeamSearchOutput:
+                pad_token_id: int = 0, prior: Any = None,
+                prior_weight: float = 0.0) -> BeamSearchOutput:
   """Top-`num_return` sequences per prompt by beam search over `num_beams` beams.
 
   With a `CatalogConstraint` of one item, every beam is a trie path and a hypothesis finishes
@@ -542,6 +589,15 @@ def beam_search(model: Qwen2ForCausalLM, input_ids: Any, attention_mask: Any, *,
   Scores are unrenormalised model log-probs (the constraint removes continuations; it does not
   renormalise), so they equal brute-force scoring of each item. Without a constraint this is
   ordinary beam search ending at `eos_token_id`.
+
+  CF-guided decoding (D3, Bao et al. 2024): with `prior` [B, L], a log-prior over the trie's
+  leaves per prompt (e.g. `ItemTrie.leaf_log_prior` of a collaborative-filtering model's item
+  log-probs; normalised here), a finished item scores
+  `log p_LLM(title + EOS | prompt) + prior_weight * log p_prior(leaf)`. Partial titles are
+  scored by the prior mass below their trie node: each token adds
+  `prior_weight * (log mass(child) - log mass(node))`, which telescopes to the item's log-prior,
+  so beams are pruned by the mixed score at every step, not only at the end. Leaves with zero
+  prior mass (-inf) become unreachable when prior_weight > 0. `prior=None` is the plain search.
   """
   if num_return > num_beams:
     raise ValueError(f"num_return={num_return} cannot exceed num_beams={num_beams}")
@@ -554,8 +610,31 @@ def beam_search(model: Qwen2ForCausalLM, input_ids: Any, attention_mask: Any, *,
   bucket = bucket_length(length)
   ids, mask = _left_align(input_ids, attention_mask, bucket, pad_token_id)
   trie, spec, history = _constraint_args(constraint, batch)
+  parrays = weight = None
+  if prior is not None:
+    prior, parrays = _check_prior(constraint, prior, prior_weight, batch)
+    weight = jnp.asarray(prior_weight, jnp.float32)  # traced: a weight sweep compiles once
   graphdef, state = nnx.split(model)
   return _beam_jit(
-      graphdef, state, jnp.asarray(ids), jnp.asarray(mask), trie, history,
+      graphdef, state, jnp.asarray(ids), jnp.asarray(mask), trie, history, prior, parrays, weight,
       max_new_tokens=int(max_new_tokens), num_beams=int(num_beams), num_return=int(num_return), length_penalty=float(length_penalty),
       eos_ids=eos, pad_id=int(pad_token_id), spec=spec)
+
+
+def _check_prior(constraint: cons.CatalogConstraint | None, prior: Any, weight: float,
+                 batch: int) -> tuple[jax.Array, cons.PriorArrays]:
+  """Host: validates a leaf log-prior [B, L]; returns it on device and the trie's pair arrays."""
+  if constraint is None:
+    raise ValueError("a prior over catalog items needs a constraint (a CatalogConstraint)")
+  if not (np.isfinite(weight) and weight >= 0):
+    raise ValueError(f"prior_weight must be finite and >= 0, got {weight}")
+  trie = constraint.trie
+  if np.shape(prior) != (batch, trie.num_leaves):
+    raise ValueError(f"prior must be [B={batch}, num_leaves={trie.num_leaves}] log-probs over "
+                     f"the trie's leaves (ItemTrie.leaf_log_prior), got {np.shape(prior)}")
+  prior = jnp.asarray(prior, jnp.float32)
+  finite = jnp.isfinite(prior)
+  if bool(jnp.any(jnp.isnan(prior) | (prior == jnp.inf))) or not bool(jnp.all(finite.any(-1))):
+    raise ValueError("prior rows must be log-probs: no NaN or +inf, and at least one finite "
+                     "entry per row (smooth zero-mass items, e.g. with popularity)")
+  return prior, trie.prior_arrays()

@@ -12,6 +12,9 @@ Modes:
 * ``beam`` (default): constrained beam search with K beams over direct-format prompts (plus the
   answer prefix when the chat template opens a think block). Beams are trie paths, so the K
   results are distinct catalog titles ranked by model log-probability (D3 / MiniOneRec).
+  With a ``cf_prior`` (e.g. `recllm_jax.rec.cf_prior.fit_prior`) the ranking score is
+  ``log p_LLM(title) + cf_weight * log p_CF(item | history)``, mixed into the beam at every
+  step (CF-guided decoding, D3; see `decoding.beam_search`).
 * ``cot_constrained``: G samples that reason freely, then answer under the catalog trie once
   they write "<answer>\\n" (a `cot` prompt config); items ranked by how many samples chose them,
   ties by the best answer log-probability.
@@ -28,7 +31,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -130,8 +133,9 @@ def recommend(model: Any, tokenizer: Any, examples: Sequence[Any], catalog: Any,
               top_p: float = 1.0, answer_items: int = 1, exclude_history: bool = False,
               length_penalty: float = 0.0, rng: jax.Array | int = 0,
               trie: cons.ItemTrie | None = None, grounder: Any = None,
-              mesh: jax.sharding.Mesh | None = None, progress: bool = False
-              ) -> list[list[str | None]]:
+              mesh: jax.sharding.Mesh | None = None, progress: bool = False,
+              cf_prior: Callable[[Sequence[Any]], np.ndarray] | None = None,
+              cf_weight: float = 0.0) -> list[list[str | None]]:
   """Ranked top-`k` catalog item ids for each example, best first (see the module docstring).
 
   Args:
@@ -154,6 +158,9 @@ def recommend(model: Any, tokenizer: Any, examples: Sequence[Any], catalog: Any,
     trie, grounder: reuse a built `ItemTrie.from_catalog(catalog, ...)` / `rec.Grounder`.
     mesh: defaults to `sharding.make_mesh()` (all devices on the batch).
     progress: show a tqdm bar over examples.
+    cf_prior: ``beam`` only: examples -> [N, num_items] log-probs over the catalog (catalog
+      order), e.g. a `recllm_jax.rec.cf_prior.CFPrior`; items sharing a title add their mass.
+    cf_weight: weight of the CF log-prior in the beam score (>= 0; 0 = the LLM alone).
 
   Returns:
     One list per example of at most k ids; only ``sample`` mode yields None (ungrounded titles).
@@ -161,6 +168,9 @@ def recommend(model: Any, tokenizer: Any, examples: Sequence[Any], catalog: Any,
   if k < 1:
     raise ValueError(f"k must be >= 1, got {k}")
   mode_prompt_config(prompt_cfg, mode)  # validates the mode and the prompt format
+  if cf_prior is not None and mode != "beam":
+    raise ValueError(f"cf_prior mixes a CF score into beam search: it needs mode='beam', got "
+                     f"{mode!r}")
   if not examples:
     return []
   mesh = mesh or sharding.make_mesh()
@@ -197,10 +207,11 @@ def recommend(model: Any, tokenizer: Any, examples: Sequence[Any], catalog: Any,
       keep = len(set(rows))  # the padded tail repeats the last example
       if mode == "beam":
         constraint = cons.CatalogConstraint(trie, eos_token_id=eos, num_items=1, history=history)
+        prior = None if cf_prior is None else trie.leaf_log_prior(cf_prior(batch))  # [B, L]
         out = decoding.beam_search(model, ids, mask, constraint=constraint, num_beams=k,
                                    num_return=k, max_new_tokens=max_new_tokens,
                                    length_penalty=length_penalty, eos_token_id=eos,
-                                   pad_token_id=pad)
+                                   pad_token_id=pad, prior=prior, prior_weight=cf_weight)
         leaves = np.asarray(out.items)[:keep]  # [B, k]
         valid = np.isfinite(np.asarray(out.scores))[:keep]  # [B, k]
         for row_leaves, row_valid in zip(leaves, valid):

@@ -8,9 +8,15 @@ another one) with `recllm_jax.load_checkpoint`, or evaluates an HF directory ins
 ranked top-`--k` list from `recllm_jax.inference.recommend` (default: constrained beam search with
 k beams), scored by `recllm_jax.rec.metrics.evaluate_rankings`, the harness of the baselines.
 
+CF-guided decoding (D3; docs/evaluation.md): `--cf_model markov|sasrec|mix --cf_weight W` fits
+that collaborative-filtering model on the training split (as scripts/baselines.py does) and
+ranks by `log p_LLM(title) + W * log p_CF(item | history)` inside the beam.
+
 Writes into W:
-  eval_<split>.json         flat metric keys (hr@10, ndcg@10, ...), plus examples_per_s
+  eval_<split>.json         flat metric keys (hr@10, ndcg@10, ...), plus examples_per_s and, with
+                            a CF model, cf_model / cf_weight / cf_smoothing
   predictions_<split>.jsonl one line per example: user_id, history, targets, ranked ids, titles
+  eval_<split>_cf_<model>.json  with --cf_model: the CF prior's own ranking (no LLM), same keys
 
 A user error (a bad flag or config value, a missing workdir or checkpoint, bad data) ends with
 one line `error: ...` on stderr and exit status 2, like scripts/train.py.
@@ -43,6 +49,13 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature (sam
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 0, "Decode steps (0 = longest title + "
                                        "EOS for beam, 256 for sampling).")
 _EXCLUDE_HISTORY = flags.DEFINE_bool("exclude_history", False, "Never recommend history items.")
+CF_MODELS = ("markov", "sasrec", "mix")  # recllm_jax.rec.cf_prior.CF_MODELS (fast --help)
+_CF_MODEL = flags.DEFINE_enum("cf_model", "none", ["none", *CF_MODELS],
+                              "CF prior mixed into the beam (CF-guided decoding, beam mode only).")
+_CF_WEIGHT = flags.DEFINE_float("cf_weight", 1.0, "Weight of log p_CF in the beam score "
+                                "(with --cf_model).")
+_CF_SMOOTHING = flags.DEFINE_float("cf_smoothing", 0.1, "Popularity share mixed into the CF "
+                                   "prior so every item has mass (with --cf_model).")
 
 KS = (1, 3, 5, 10, 20)
 
@@ -83,6 +96,12 @@ def main(argv: list[str]) -> None:
   if _K.value < 1 or _BATCH_SIZE.value < 1 or _MAX_EXAMPLES.value < 0:
     fail(f"--k={_K.value}, --batch_size={_BATCH_SIZE.value} must be >= 1 and --max_examples="
          f"{_MAX_EXAMPLES.value} >= 0")
+  cf_model = None if _CF_MODEL.value == "none" else _CF_MODEL.value
+  if cf_model and _MODE.value != "beam":
+    fail(f"--cf_model={cf_model} mixes a CF score into beam search: it needs --mode=beam, got "
+         f"--mode={_MODE.value}")
+  if cf_model and not _CF_WEIGHT.value >= 0:
+    fail(f"--cf_weight={_CF_WEIGHT.value} must be >= 0")
   # Imported after flag parsing so that --help stays fast.
   from ml_collections import config_flags
 
@@ -123,13 +142,20 @@ def main(argv: list[str]) -> None:
       raise DataError(f"the {split!r} split is empty; nothing to evaluate")
     train_popularity = popularity(dataset.train)
     grounder = Grounder(dataset.catalog, popularity=train_popularity)  # as GRPO grounds titles
+    cf_prior = None
+    if cf_model:
+      from recllm_jax.rec.baselines import SASRecConfig
+      from recllm_jax.rec.cf_prior import fit_prior
+      # configs/baselines.py's SASRec defaults and this config's seed (0: the baseline's).
+      cf_prior = fit_prior(cf_model, dataset, smoothing=_CF_SMOOTHING.value,
+                           sasrec=SASRecConfig(seed=config.seed), progress=True)
     start = time.perf_counter()
     rankings = recommend(model, tokenizer, examples, dataset.catalog, prompt_cfg, k=k, mode=mode,
                          batch_size=_BATCH_SIZE.value, num_samples=_NUM_SAMPLES.value or None,
                          max_new_tokens=_MAX_NEW_TOKENS.value or None,
                          temperature=_TEMPERATURE.value, exclude_history=_EXCLUDE_HISTORY.value,
                          rng=config.seed, grounder=grounder, mesh=mesh,
-                         progress=True)
+                         progress=True, cf_prior=cf_prior, cf_weight=_CF_WEIGHT.value)
     seconds = time.perf_counter() - start
   except UserError as e:
     fail(f"{type(e).__name__}: {e}")
@@ -137,6 +163,18 @@ def main(argv: list[str]) -> None:
   metrics = evaluate_rankings(rankings, examples, dataset.catalog, train_popularity, ks)
   metrics.update(examples_per_s=len(examples) / seconds, seconds=seconds)
   workdir.mkdir(parents=True, exist_ok=True)
+  table = {f"llm ({mode})": metrics}
+  written = []
+  if cf_model:
+    metrics.update(cf_model=cf_model, cf_weight=_CF_WEIGHT.value, cf_smoothing=_CF_SMOOTHING.value)
+    table = {f"llm ({mode}) + {cf_model} x {_CF_WEIGHT.value:g}": metrics}
+    # The ablation: the CF prior's own ranking, so that the LLM's contribution is visible.
+    alone = evaluate_rankings(cf_prior.recommend(examples, k), examples, dataset.catalog,
+                              train_popularity, ks)
+    table[f"{cf_model} prior alone"] = alone
+    cf_out = workdir / f"eval_{split}_cf_{cf_model}.json"
+    cf_out.write_text(json.dumps(alone, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    written.append(cf_out)
   out = workdir / f"eval_{split}.json"
   out.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n", encoding="utf-8")
   predictions = workdir / f"predictions_{split}.jsonl"
@@ -146,8 +184,8 @@ def main(argv: list[str]) -> None:
   source = _HF_DIR.value or str(workdir)
   print(f"\n{split}: {len(examples)} examples, {len(dataset.catalog)} catalog items, mode={mode}, "
         f"k={k}, {len(examples) / seconds:.1f} examples/s ({seconds:.1f}s)")
-  print(format_table({f"llm ({mode})": metrics}))
-  print(f"model {source}\nwrote {out} and {predictions}")
+  print(format_table(table))
+  print(f"model {source}\nwrote {', '.join(map(str, [out, predictions, *written]))}")
 
 
 if __name__ == "__main__":

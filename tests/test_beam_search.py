@@ -155,3 +155,86 @@ def test_shared_prompt_prefix_matches_a_repeated_cache(tiny):
     full, shared = _gather_rows(full, rows), _reorder_beams(shared, rows)
   with pytest.raises(ValueError, match="not a multiple"):
     KVCache.init(model.cfg, 5, m, prefix=prompt)
+
+
+# -- CF-guided decoding (D3): a per-prompt log-prior over leaves mixed into the beam ------------
+
+
+def _prompts() -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+  prompts = [np.array([11, 12, 13, 14, 15]), np.array([20, 21, 22])]
+  ids, mask = np.zeros((2, 5), np.int64), np.zeros((2, 5), np.int64)
+  for b, p in enumerate(prompts):
+    ids[b, 5 - len(p):], mask[b, 5 - len(p):] = p, 1
+  return prompts, ids, mask
+
+
+def test_zero_prior_weight_is_the_plain_search(tiny):
+  _, model = tiny
+  trie = cons.ItemTrie(_catalog(1, n=30), VOCAB)
+  constraint = cons.CatalogConstraint(trie, eos_token_id=EOS)
+  _, ids, mask = _prompts()
+  prior = np.random.default_rng(0).normal(size=(2, trie.num_leaves)).astype(np.float32)
+  prior[:, 3] = -np.inf  # a zero-mass leaf stays reachable when the prior is off
+  kwargs = dict(constraint=constraint, num_beams=5, num_return=5, max_new_tokens=6)
+  ref = beam_search(model, ids, mask, **kwargs)
+  out = beam_search(model, ids, mask, prior=prior, prior_weight=0.0, **kwargs)
+  for field in ("tokens", "lengths", "scores", "items"):
+    np.testing.assert_array_equal(np.asarray(getattr(out, field)), np.asarray(getattr(ref, field)))
+
+
+@pytest.mark.parametrize("weight", [0.7, 3.0])
+def test_beam_as_wide_as_the_catalog_with_a_prior_is_exact_mixed_scoring(tiny, weight):
+  hf, model = tiny
+  seqs = _catalog()  # titles that are prefixes of titles: EOS there must add the own leaf only
+  trie = cons.ItemTrie(seqs, VOCAB)
+  constraint = cons.CatalogConstraint(trie, eos_token_id=EOS)
+  prompts, ids, mask = _prompts()
+  rng = np.random.default_rng(1)
+  prior = rng.normal(scale=2.0, size=(2, len(seqs))) + 5.0  # unnormalised on purpose
+  k = 6
+  out = beam_search(model, ids, mask, constraint=constraint, num_beams=len(seqs), num_return=k,
+                    max_new_tokens=6, prior=prior, prior_weight=weight)
+  tokens, scores, lengths = map(np.asarray, (out.tokens, out.scores, out.lengths))
+  for b, p in enumerate(prompts):
+    log_prior = prior[b] - np.log(np.exp(prior[b]).sum())  # sequences are sorted = leaf order
+    exact = _brute_force(hf, p, seqs) + weight * log_prior
+    best = np.argsort(-exact)[:k]
+    got = [tuple(tokens[b, r, :lengths[b, r] - 1]) for r in range(k)]
+    assert got == [seqs[i] for i in best]
+    np.testing.assert_allclose(scores[b], exact[best], atol=1e-4)
+
+
+def test_a_prior_on_one_item_with_a_large_weight_ranks_it_first(tiny):
+  hf, model = tiny
+  seqs = _catalog(1, n=30)
+  trie = cons.ItemTrie(seqs, VOCAB)
+  prompts, ids, mask = _prompts()
+  # The model's least likely title for each prompt gets nearly all the prior mass.
+  worst = [int(np.argmin(_brute_force(hf, p, seqs))) for p in prompts]
+  prior = np.full((2, len(seqs)), -30.0)
+  prior[[0, 1], worst] = 0.0
+  out = beam_search(model, ids, mask, constraint=cons.CatalogConstraint(trie, eos_token_id=EOS),
+                    num_beams=3, num_return=3, max_new_tokens=6, prior=prior, prior_weight=10.0)
+  assert np.asarray(out.items)[:, 0].tolist() == worst
+  plain = beam_search(model, ids, mask, constraint=cons.CatalogConstraint(trie, eos_token_id=EOS),
+                      num_beams=3, num_return=3, max_new_tokens=6)
+  assert not set(worst) & set(np.asarray(plain.items).ravel().tolist())
+
+
+def test_zero_mass_items_are_unreachable_and_bad_priors_are_rejected(tiny):
+  _, model = tiny
+  seqs = [(5, 6), (5, 7), (8,)]
+  trie = cons.ItemTrie(seqs, VOCAB)
+  constraint = cons.CatalogConstraint(trie, eos_token_id=EOS)
+  ids, mask = np.array([[9, 10]]), np.ones((1, 2))
+  kwargs = dict(constraint=constraint, num_beams=3, num_return=3, max_new_tokens=4)
+  out = beam_search(model, ids, mask, prior=np.array([[0.0, -np.inf, 0.0]]), prior_weight=1.0,
+                    **kwargs)
+  assert sorted(np.asarray(out.items)[0, :2].tolist()) == [0, 2]
+  assert np.asarray(out.scores)[0, 2] == -np.inf
+  with pytest.raises(ValueError, match="num_leaves=3"):
+    beam_search(model, ids, mask, prior=np.zeros((1, 2)), prior_weight=1.0, **kwargs)
+  with pytest.raises(ValueError, match="at least one finite"):
+    beam_search(model, ids, mask, prior=np.full((1, 3), -np.inf), prior_weight=1.0, **kwargs)
+  with pytest.raises(ValueError, match="prior_weight"):
+    beam_search(model, ids, mask, prior=np.zeros((1, 3)), prior_weight=-1.0, **kwargs)

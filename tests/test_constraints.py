@@ -180,3 +180,32 @@ def test_prefix_whose_items_are_all_banned_is_masked():
   mask = np.asarray(cons.allowed_tokens(arrays, spec, state))
   assert set(np.flatnonzero(mask[1])) == {EOS}  # (4, 6) complete; (4, 6, 7) banned
   assert np.asarray(state.items)[0, 0] == trie.lookup((8,))
+
+
+def test_prior_pairs_list_exactly_the_leaves_below_each_node():
+  seqs = _catalog(3) + [(4,), (4, 5), (4, 5, 6)]
+  trie = cons.ItemTrie(seqs, 16)
+  pairs = trie.prior_arrays()
+  got = {(int(n), int(l)) for n, l in zip(np.asarray(pairs.pair_node), np.asarray(pairs.pair_leaf))}
+  # Brute force: node n's prefix is the token path to it; leaf l is below n iff it starts with it.
+  prefix = {0: ()}
+  for n in range(trie.num_nodes):
+    for c in range(trie.first_child[n], trie.first_child[n + 1]):
+      prefix[c] = prefix[n] + (int(trie.token[c]),)
+  want = {(n, l) for n, p in prefix.items() for l, s in enumerate(trie.leaf_sequences)
+          if s[:len(p)] == p}
+  assert got == want
+  assert pairs.max_degree == int(np.diff(trie.first_child).max())
+
+
+def test_leaf_log_prior_adds_the_masses_of_items_sharing_a_title():
+  trie = cons.ItemTrie([(5, 6), (7,), (5, 6), (8,)], 16)  # items 0 and 2 share leaf 0
+  with np.errstate(divide="ignore"):
+    item_logp = np.log([[0.1, 0.2, 0.3, 0.4], [0.5, 0.5, 0.0, 0.0]])
+  got = trie.leaf_log_prior(item_logp)
+  np.testing.assert_allclose(np.exp(got), [[0.4, 0.2, 0.4], [0.5, 0.5, 0.0]], rtol=1e-6)
+  assert got[1, 2] == -np.inf and got.dtype == np.float32
+  tiny = trie.leaf_log_prior(np.array([[-200.0, -1.0, -201.0, -np.inf]]))
+  np.testing.assert_allclose(tiny[0, 0], np.logaddexp(-200.0, -201.0), rtol=1e-6)
+  with pytest.raises(ValueError, match="num_items=4"):
+    trie.leaf_log_prior(np.zeros((1, 3)))

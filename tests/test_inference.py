@@ -200,3 +200,30 @@ def test_beam_lists_every_item_of_a_shared_title_together(trained):
     at = row.index(items[3].item_id)
     assert row[at + 1] == "TWIN"  # catalog order within the shared leaf
     assert [i for i in row if i != "TWIN"] == base  # the ranking of titles is unchanged
+
+
+def test_cf_prior_in_the_beam(trained):
+  """CF-guided beam: weight 0 is the LLM alone; a prior that puts (nearly) all mass on one item
+  per example, strongly weighted, ranks that item first; the sampling modes refuse a prior."""
+  model, tokenizer, ds, prompt_cfg = trained
+  examples = ds.test[:4]
+  chosen = [len(ds.catalog) - 1 - r for r in range(len(examples))]  # a different item each
+
+  def cf_prior(batch):  # [B, I] log-probs, catalog order
+    logp = np.full((len(batch), len(ds.catalog)), -40.0)
+    for r, ex in enumerate(batch):
+      logp[r, chosen[examples.index(ex)]] = 0.0
+    return logp
+
+  kwargs = dict(k=5, batch_size=8)
+  plain = inference.recommend(model, tokenizer, examples, ds.catalog, prompt_cfg, **kwargs)
+  off = inference.recommend(model, tokenizer, examples, ds.catalog, prompt_cfg, cf_prior=cf_prior,
+                            cf_weight=0.0, **kwargs)
+  assert off == plain
+  guided = inference.recommend(model, tokenizer, examples, ds.catalog, prompt_cfg,
+                               cf_prior=cf_prior, cf_weight=5.0, **kwargs)
+  ids = [item.item_id for item in ds.catalog]
+  assert [row[0] for row in guided] == [ids[c] for c in chosen]
+  with pytest.raises(ValueError, match="mode='beam'"):
+    inference.recommend(model, tokenizer, examples, ds.catalog, prompt_cfg, mode="sample",
+                        cf_prior=cf_prior, cf_weight=1.0, **kwargs)

@@ -88,3 +88,32 @@ def test_cot_constrained_on_a_direct_config_is_a_one_line_error(run):
   assert done.returncode == 2
   lines = done.stderr.strip().splitlines()
   assert len(lines) == 1 and "target_format='cot'" in lines[0], done.stderr[-2000:]
+
+
+def test_cf_guided_beam_writes_its_settings_and_the_prior_alone(run, tmp_path):
+  import shutil
+
+  from recllm_jax.rec.cf_prior import fit_prior
+
+  workdir = tmp_path / "sft"
+  shutil.copytree(run[0], workdir)  # the other tests read the shared workdir's eval_test.json
+  data = run[1]
+  done = evaluate(workdir, data, "--split=test", "--k=5", "--max_examples=12", "--batch_size=4",
+                  "--cf_model=markov", "--cf_weight=2", "--cf_smoothing=0.2")
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "markov prior alone" in done.stdout, done.stdout
+  metrics = json.loads((workdir / "eval_test.json").read_text())
+  assert (metrics["cf_model"], metrics["cf_weight"], metrics["cf_smoothing"]) == ("markov", 2.0, 0.2)
+  ds = load_dataset(data, "synthetic")
+  examples = ds.test[:12]
+  alone = fit_prior("markov", ds, smoothing=0.2).recommend(examples, 5)
+  expected = evaluate_rankings(alone, examples, ds.catalog, popularity(ds.train), ks=(1, 3, 5))
+  assert json.loads((workdir / "eval_test_cf_markov.json").read_text()) == expected
+
+
+def test_cf_model_outside_beam_mode_is_a_one_line_error(run):
+  workdir, data = run
+  done = evaluate(workdir, data, "--mode=sample", "--cf_model=markov")
+  assert done.returncode == 2
+  lines = done.stderr.strip().splitlines()
+  assert len(lines) == 1 and "--mode=beam" in lines[0], done.stderr[-2000:]
