@@ -12,5 +12,5 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 OUT="${1:-workdirs/demo}"
-FORMAT=synthetic TITLE="synthetic demo, test" EXAMPLES=3 \
+FORMAT=synthetic TITLE="synthetic demo, test" EXAMPLES=3 CF_MODEL=markov \
   exec bash scripts/reproduce.sh "$OUT/sft/data" "$OUT"

@@ -16,6 +16,7 @@ Writes into W:
   eval_<split>.json         flat metric keys (hr@10, ndcg@10, ...), plus examples_per_s and, with
                             a CF model, cf_model / cf_weight / cf_smoothing
   predictions_<split>.jsonl one line per example: user_id, history, targets, ranked ids, titles
+  (with `--tag T`: eval_<split>_T.json and predictions_<split>_T.jsonl instead)
   eval_<split>_cf_<model>.json  with --cf_model: the CF prior's own ranking (no LLM), same keys
 
 A user error (a bad flag or config value, a missing workdir or checkpoint, bad data) ends with
@@ -50,6 +51,9 @@ _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 0, "Decode steps (0 = l
                                        "EOS for beam, 256 for sampling).")
 _EXCLUDE_HISTORY = flags.DEFINE_bool("exclude_history", False, "Never recommend history items.")
 CF_MODELS = ("markov", "sasrec", "mix")  # recllm_jax.rec.cf_prior.CF_MODELS (fast --help)
+_TAG = flags.DEFINE_string("tag", "", "Suffix of the output files (eval_<split>_<tag>.json, "
+                           "predictions_<split>_<tag>.jsonl), so runs with other settings "
+                           "keep the default files.")
 _CF_MODEL = flags.DEFINE_enum("cf_model", "none", ["none", *CF_MODELS],
                               "CF prior mixed into the beam (CF-guided decoding, beam mode only).")
 _CF_WEIGHT = flags.DEFINE_float("cf_weight", 1.0, "Weight of log p_CF in the beam score "
@@ -175,9 +179,10 @@ def main(argv: list[str]) -> None:
     cf_out = workdir / f"eval_{split}_cf_{cf_model}.json"
     cf_out.write_text(json.dumps(alone, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     written.append(cf_out)
-  out = workdir / f"eval_{split}.json"
+  name = f"{split}_{_TAG.value}" if _TAG.value else split
+  out = workdir / f"eval_{name}.json"
   out.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-  predictions = workdir / f"predictions_{split}.jsonl"
+  predictions = workdir / f"predictions_{name}.jsonl"
   with predictions.open("w", encoding="utf-8") as f:
     for row in prediction_rows(examples, rankings, dataset.catalog):
       f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -57,6 +57,17 @@ stage "evaluate GRPO on test"
 "$PYTHON" scripts/evaluate.py --config configs/grpo.py:tiny "${DATA[@]}" \
   "--config.init_from=$OUT/sft" "--config.workdir=$OUT/grpo" --split test --k "$K"
 
+# CF-guided decoding (D3, docs/evaluation.md): the same checkpoints with a Markov + SASRec prior
+# mixed into the beam (weight chosen on Office's valid split); files tagged "cf".
+CF=(--cf_model "${CF_MODEL:-mix}" --cf_weight "${CF_WEIGHT:-256}" --tag cf)
+stage "evaluate SFT on test, CF-guided"
+"$PYTHON" scripts/evaluate.py --config configs/sft.py:tiny "${DATA[@]}" \
+  "--config.workdir=$OUT/sft" --split test --k "$K" "${CF[@]}"
+
+stage "evaluate GRPO on test, CF-guided"
+"$PYTHON" scripts/evaluate.py --config configs/grpo.py:tiny "${DATA[@]}" \
+  "--config.init_from=$OUT/sft" "--config.workdir=$OUT/grpo" --split test --k "$K" "${CF[@]}"
+
 stage "baselines on test"
 "$PYTHON" scripts/baselines.py "--config.data.format=$FORMAT" "--config.data.dir=$DATA_DIR" \
   "--config.workdir=$OUT/baselines" --split test
@@ -66,6 +77,8 @@ stage "results"
 "$PYTHON" scripts/plot.py --workdir "$OUT/grpo"
 "$PYTHON" scripts/results_table.py --out "$OUT" --data_dir "$DATA_DIR" --data_format "$FORMAT" \
   --model "sft=$OUT/sft/eval_test.json" --model "grpo=$OUT/grpo/eval_test.json" \
+  --model "sft+cf=$OUT/sft/eval_test_cf.json" --model "grpo+cf=$OUT/grpo/eval_test_cf.json" \
+  --model "cf prior alone=$OUT/grpo/eval_test_cf_${CF_MODEL:-mix}.json" \
   --baselines "$OUT/baselines/baselines_test.json" --title "${TITLE:-$(basename "$DATA_DIR"), test}" \
   ${EXAMPLES:+--examples "$EXAMPLES" --predictions "$OUT/grpo/predictions_test.jsonl"}
 echo "reproduce.sh: done in $(( SECONDS - start ))s ($DATA_DIR -> $OUT)"

@@ -99,10 +99,14 @@ def test_cf_guided_beam_writes_its_settings_and_the_prior_alone(run, tmp_path):
   shutil.copytree(run[0], workdir)  # the other tests read the shared workdir's eval_test.json
   data = run[1]
   done = evaluate(workdir, data, "--split=test", "--k=5", "--max_examples=12", "--batch_size=4",
-                  "--cf_model=markov", "--cf_weight=2", "--cf_smoothing=0.2")
+                  "--cf_model=markov", "--cf_weight=2", "--cf_smoothing=0.2", "--tag=cf")
   assert done.returncode == 0, done.stderr[-3000:]
   assert "markov prior alone" in done.stdout, done.stdout
-  metrics = json.loads((workdir / "eval_test.json").read_text())
+  # --tag names the files, so the plain evaluation's are kept (scripts/reproduce.sh runs both).
+  assert (workdir / "predictions_test_cf.jsonl").is_file()
+  if (run[0] / "eval_test.json").is_file():
+    assert (workdir / "eval_test.json").read_bytes() == (run[0] / "eval_test.json").read_bytes()
+  metrics = json.loads((workdir / "eval_test_cf.json").read_text())
   assert (metrics["cf_model"], metrics["cf_weight"], metrics["cf_smoothing"]) == ("markov", 2.0, 0.2)
   ds = load_dataset(data, "synthetic")
   examples = ds.test[:12]
