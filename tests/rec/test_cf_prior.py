@@ -2,25 +2,25 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from recllm_jax.data import Catalog, Example, Item, RecDataset
+from recllm_jax.data import Example, RecDataset
 from recllm_jax.errors import ConfigError
 from recllm_jax.rec.baselines import MarkovRecommender, SASRecConfig
 from recllm_jax.rec.cf_prior import fit_prior, popularity_probs
 
-CATALOG = Catalog([Item(i, f"Item {i}") for i in "abcdef"])
-# Targets: a 1, b 2, c 2, d 1 (e, f never); last item -> next: a->b, b->c, d->b, e->{c, d}, f->a.
-TRAIN = [
-  Example("u1", ("a",), ("b",)),
-  Example("u1", ("a", "b"), ("c",)),
-  Example("u2", ("d",), ("b",)),
-  Example("u3", ("e",), ("c",)),
-  Example("u4", ("f",), ("a",)),
-  Example("u5", ("e",), ("d",)),
-]
+sys.path.insert(0, str(Path(__file__).parent))
+from test_baselines import CATALOG, TRAIN  # noqa: E402
+
+# The baselines' toy data. Targets: a 1, b 2, c 2, d 1 (e, f never); last item -> next: a->b,
+# b->c, d->b, e->{c, d}, f->a.
 DATASET = RecDataset(CATALOG, TRAIN, valid=[Example("u6", ("a",), ("b",))], test=[])
+
+
 def _ex(*history: str) -> Example:
   return Example("x", tuple(history), ("a",))
 
