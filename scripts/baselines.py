@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # scripts/train.py defines the `--config` flag; reuse its one-line flag errors and user-error exit.
-from train import fail, parse_flags, start_script  # noqa: E402
+from train import fail, load_config, parse_flags, start_script  # noqa: E402
 
 from absl import app, flags  # noqa: E402
 
@@ -44,12 +44,7 @@ def main(argv: list[str]) -> None:
   from recllm_jax.train.checks import expand_paths
   from recllm_jax.train.sft import data_dir
 
-  config = flags.FLAGS.config
-  try:
-    config.get("workdir")  # ml_collections defers a config file's load error to the first access
-  except OSError as e:
-    cause = str(e.__cause__ or e).strip().splitlines()[-1].strip()
-    fail(f"--config={config_flags_filename()}: {cause}")
+  config = load_config()
   split = _SPLIT.value
   start = time.perf_counter()
   try:
@@ -75,12 +70,6 @@ def main(argv: list[str]) -> None:
   print(f"\n{split}: {count} examples, {len(dataset.catalog)} catalog items, full-catalog ranking")
   print(format_table(results))
   print(f"wrote {out} in {time.perf_counter() - start:.1f}s")
-
-
-def config_flags_filename() -> str:
-  from ml_collections import config_flags
-
-  return config_flags.get_config_filename(flags.FLAGS["config"])
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # scripts/train.py defines the `--config` flag; reuse its one-line flag errors and user-error exit.
-from train import fail, parse_flags, start_script  # noqa: E402
+from train import fail, load_config, parse_flags, start_script  # noqa: E402
 
 from absl import app, flags  # noqa: E402
 
@@ -107,8 +107,6 @@ def main(argv: list[str]) -> None:
   if cf_model and not _CF_WEIGHT.value >= 0:
     fail(f"--cf_weight={_CF_WEIGHT.value} must be >= 0")
   # Imported after flag parsing so that --help stays fast.
-  from ml_collections import config_flags
-
   from recllm_jax import sharding
   from recllm_jax.data import load_dataset, popularity
   from recllm_jax.data.errors import DataError
@@ -120,12 +118,7 @@ def main(argv: list[str]) -> None:
   from recllm_jax.train.checks import expand_paths
   from recllm_jax.train.sft import data_dir
 
-  config = flags.FLAGS.config
-  try:
-    config.get("workdir")  # ml_collections defers a config file's load error to the first access
-  except OSError as e:
-    cause = str(e.__cause__ or e).strip().splitlines()[-1].strip()
-    fail(f"--config={config_flags.get_config_filename(flags.FLAGS['config'])}: {cause}")
+  config = load_config()
   split, k, mode = _SPLIT.value, _K.value, _MODE.value
   try:
     config = expand_paths(config)

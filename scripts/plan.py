@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # scripts/train.py defines the `--config` flag; reuse its one-line flag errors and user-error exit.
-from train import fail, parse_flags, start_script  # noqa: E402
+from train import fail, load_config, parse_flags, start_script  # noqa: E402
 
 from absl import app, flags  # noqa: E402
 
@@ -40,9 +40,7 @@ def main(argv: list[str]) -> None:
 
   from recllm_jax import plan
   from recllm_jax.errors import UserError
-  from train import _CONFIG
-
-  config = _CONFIG.value
+  config = load_config()
   device = plan.DEVICES[_DEVICE.value]
   num_devices = _NUM_DEVICES.value or jax.device_count()
   margin = _MARGIN.value

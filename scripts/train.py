@@ -102,6 +102,20 @@ def start_script(argv: list[str]) -> None:
   logging.getLogger("jax").setLevel(logging.WARNING)  # e.g. "Unable to initialize backend 'tpu'"
 
 
+def load_config():
+  """The parsed `--config`; a config file that fails to load ends in `fail` (one line).
+
+  ml_collections defers a config file's load error to the first access, so this touches it.
+  """
+  config = flags.FLAGS.config
+  try:
+    config.get("workdir")
+  except OSError as e:
+    cause = str(e.__cause__ or e).strip().splitlines()[-1].strip()
+    fail(f"--config={config_flags.get_config_filename(flags.FLAGS['config'])}: {cause}")
+  return config
+
+
 def main(argv: list[str]) -> None:
   start_script(argv)
   # Imported after flag parsing so that --help stays fast.
@@ -111,12 +125,7 @@ def main(argv: list[str]) -> None:
   from recllm_jax.errors import UserError
   from recllm_jax.train.loop import train
 
-  config = _CONFIG.value
-  try:
-    config.get("task")  # ml_collections defers a config file's load error to the first access
-  except OSError as e:
-    cause = str(e.__cause__ or e).strip().splitlines()[-1].strip()
-    fail(f"--config={config_flags.get_config_filename(flags.FLAGS['config'])}: {cause}")
+  config = load_config()
   try:
     # Before anything touches a JAX backend: multi-host runs start the distributed runtime here.
     distributed.initialize(config)
