@@ -197,18 +197,30 @@ class ItemTrie:
     return cls(seqs, vocab_size, **kwargs)
 
   @classmethod
+  def from_codec(cls, codec: Any, tokenizer: Any, *, vocab_size: int | None = None,
+                 **kwargs: Any) -> "ItemTrie":
+    """The trie of every item of a `recllm_jax.data.items.ItemCodec`, item i = the catalog's
+    i-th item, each spelled as the codec writes it (its title, or its semantic ID's tokens).
+
+    Every item is included, so item indices are catalog positions and items with the same
+    text (titles shared by several items; never SIDs) share a leaf (`catalog_ids(leaf)` lists
+    all of them): leaves and item ids cannot drift apart.
+    """
+    trie = cls.from_titles(codec.texts(), tokenizer, vocab_size=vocab_size, **kwargs)
+    trie.item_ids = tuple(item.item_id for item in codec.catalog)
+    return trie
+
+  @classmethod
   def from_catalog(cls, catalog: Any, tokenizer: Any, *, vocab_size: int | None = None,
                    **kwargs: Any) -> "ItemTrie":
-    """The trie of every item of a `recllm_jax.data.Catalog`, item i = the catalog's i-th item.
+    """`from_codec` of a `Catalog` (its titles) or of an `ItemCodec`.
 
     Unlike `from_titles(catalog.titles())`, which keeps one item per title, every item is
-    included, so item indices are catalog positions and items sharing a title share a leaf
-    (`catalog_ids(leaf)` lists all of them): leaves and item ids cannot drift apart.
+    included (see `from_codec`).
     """
-    trie = cls.from_titles([item.title for item in catalog], tokenizer, vocab_size=vocab_size,
-                           **kwargs)
-    trie.item_ids = tuple(item.item_id for item in catalog)
-    return trie
+    from recllm_jax.data.items import as_codec
+
+    return cls.from_codec(as_codec(catalog), tokenizer, vocab_size=vocab_size, **kwargs)
 
   # -- host utilities ----------------------------------------------------------------------
 

@@ -173,15 +173,18 @@ def recommend(model: Any, tokenizer: Any, examples: Sequence[Any], catalog: Any,
                      f"{mode!r}")
   if not examples:
     return []
+  from recllm_jax.data.items import as_codec
+  codec = as_codec(catalog)
+  catalog = codec.catalog
   mesh = mesh or sharding.make_mesh()
   constrained = mode != "sample"
   if constrained and trie is None:
-    trie = cons.ItemTrie.from_catalog(catalog, tokenizer, vocab_size=model.cfg.vocab_size)
+    trie = cons.ItemTrie.from_codec(codec, tokenizer, vocab_size=model.cfg.vocab_size)
   if constrained and trie.item_ids != tuple(item.item_id for item in catalog):
     raise ValueError("trie does not match catalog: build it with ItemTrie.from_catalog(catalog)")
   if mode == "sample" and grounder is None:
     from recllm_jax.rec import Grounder
-    grounder = Grounder(catalog)
+    grounder = Grounder(codec)
   if max_new_tokens is None:
     max_new_tokens = (max(map(len, trie.leaf_sequences)) + 1 if mode == "beam"
                       else DEFAULT_SAMPLE_TOKENS)
@@ -201,7 +204,7 @@ def recommend(model: Any, tokenizer: Any, examples: Sequence[Any], catalog: Any,
     for b, rows in enumerate(batch_rows(len(examples), batch_size,
                                         sharding.batch_axis_size(mesh))):
       batch = [examples[i] for i in rows]
-      texts, prompts = zip(*(prompt_ids(ex, catalog, tokenizer, prompt_cfg, mode) for ex in batch))
+      texts, prompts = zip(*(prompt_ids(ex, codec, tokenizer, prompt_cfg, mode) for ex in batch))
       ids, mask = _collate(prompts, pad)
       history = history_rows(batch, index_of) if exclude_history else None
       keep = len(set(rows))  # the padded tail repeats the last example
@@ -235,7 +238,7 @@ def recommend(model: Any, tokenizer: Any, examples: Sequence[Any], catalog: Any,
         if mode == "cot_constrained":
           # Rank ties by the answer's log-prob: the reasoning text differs between samples.
           scores = np.where(np.asarray(out.constrained), logprobs, 0.0).sum(-1)  # [B*G]
-          answers = [[(i, catalog.title(i)) for leaf in row if leaf >= 0
+          answers = [[(i, codec.text(i)) for leaf in row if leaf >= 0
                       for i in trie.catalog_ids(int(leaf))] for row in np.asarray(out.items)]
         else:
           scores = logprobs.sum(-1)  # [B*G]

@@ -42,7 +42,7 @@ def main(argv: list[str]) -> None:
   from recllm_jax.rec.baselines import SASRecConfig, parse_baselines, run_baselines
   from recllm_jax.rec.metrics import format_table
   from recllm_jax.train.checks import expand_paths
-  from recllm_jax.train.sft import data_dir
+  from recllm_jax.data.loading import data_dir
 
   config = load_config()
   split = _SPLIT.value

@@ -108,7 +108,8 @@ def main(argv: list[str]) -> None:
     fail(f"--cf_weight={_CF_WEIGHT.value} must be >= 0")
   # Imported after flag parsing so that --help stays fast.
   from recllm_jax import sharding
-  from recllm_jax.data import load_dataset, popularity
+  from recllm_jax.data import popularity
+  from recllm_jax.data.loading import load_run_data
   from recllm_jax.data.errors import DataError
   from recllm_jax.data.prompts import PromptConfig
   from recllm_jax.errors import ConfigError, UserError
@@ -116,7 +117,6 @@ def main(argv: list[str]) -> None:
   from recllm_jax.rec import Grounder
   from recllm_jax.rec.metrics import evaluate_rankings, format_table
   from recllm_jax.train.checks import expand_paths
-  from recllm_jax.train.sft import data_dir
 
   config = load_config()
   split, k, mode = _SPLIT.value, _K.value, _MODE.value
@@ -130,15 +130,14 @@ def main(argv: list[str]) -> None:
       raise ConfigError(f"--mode={mode}: {e}") from None
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     model, tokenizer = load_model(config, workdir, mesh)
-    dataset = load_dataset(data_dir(config, workdir), config.data.format,
-                           on_bad_data=config.data.on_bad_data, seed=config.seed)
+    dataset, codec = load_run_data(config, workdir)
     examples = dataset.split(split)
     if _MAX_EXAMPLES.value:
       examples = examples[:_MAX_EXAMPLES.value]
     if not examples:
       raise DataError(f"the {split!r} split is empty; nothing to evaluate")
     train_popularity = popularity(dataset.train)
-    grounder = Grounder(dataset.catalog, popularity=train_popularity)  # as GRPO grounds titles
+    grounder = Grounder(codec, popularity=train_popularity)  # as GRPO grounds answers
     cf_prior = None
     if cf_model:
       from recllm_jax.rec.baselines import SASRecConfig
@@ -147,7 +146,7 @@ def main(argv: list[str]) -> None:
       cf_prior = fit_prior(cf_model, dataset, smoothing=_CF_SMOOTHING.value,
                            sasrec=SASRecConfig(seed=config.seed), progress=True)
     start = time.perf_counter()
-    rankings = recommend(model, tokenizer, examples, dataset.catalog, prompt_cfg, k=k, mode=mode,
+    rankings = recommend(model, tokenizer, examples, codec, prompt_cfg, k=k, mode=mode,
                          batch_size=_BATCH_SIZE.value, num_samples=_NUM_SAMPLES.value or None,
                          max_new_tokens=_MAX_NEW_TOKENS.value or None,
                          temperature=_TEMPERATURE.value, exclude_history=_EXCLUDE_HISTORY.value,

@@ -30,11 +30,12 @@ from recllm_jax.data.reader_utils import (
 )
 from recllm_jax.data.schema import Example, RecDataset
 
-__all__ = ["ITEMS_FILE", "TEST_FILE", "VALID_FILE", "read_amazon18"]
+__all__ = ["INFO_FILE", "ITEMS_FILE", "TEST_FILE", "VALID_FILE", "read_amazon18"]
 
 ITEMS_FILE = "items.json"
 VALID_FILE = "valid.csv"
 TEST_FILE = "test.csv"
+INFO_FILE = "info.txt"  # optional: the published semantic IDs
 
 
 def _read_items(path: Path) -> Catalog:
@@ -57,6 +58,24 @@ def _read_items(path: Path) -> Catalog:
       attributes["description"] = description
     catalog.add(Item(item_id=str(item_id), title=meta["title"], attributes=attributes))
   return catalog
+
+
+def _read_info_sids(path: Path, catalog: Catalog) -> None:
+  """The published semantic IDs (``<sid>\t<title>\t<item_id>`` per line) into each item's
+  ``sid`` attribute, where ``data.item_format='sid'`` finds them."""
+  with path.open(encoding="utf-8") as f:
+    for line_no, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      fields = line.rstrip("\n").split("\t")
+      if len(fields) < 3:
+        raise DataError(f"expected 3 tab-separated fields (sid, title, item_id), got {len(fields)}",
+                        path=path, line=line_no)
+      item_id = fields[-1].strip()
+      if item_id not in catalog:
+        raise DataError(f"item {item_id!r} is not in {ITEMS_FILE}", path=path, line=line_no,
+                        item_id=item_id)
+      catalog[item_id].attributes["sid"] = fields[0].strip()
 
 
 def _description(value: Any) -> str:
@@ -158,6 +177,8 @@ def read_amazon18(
     require_file(p)
   bad = BadRows(on_bad_data)
   catalog = _read_items(items_path)
+  if (root / INFO_FILE).is_file():
+    _read_info_sids(root / INFO_FILE, catalog)
   valid_rows = _read_csv(valid_path, catalog, bad)
   test_rows = _read_csv(test_path, catalog, bad)
 

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from recllm_jax.data.amazon18 import ITEMS_FILE, TEST_FILE, VALID_FILE, read_amazon18
 from recllm_jax.data.errors import DataError
+from recllm_jax.data.items import ItemCodec, make_codec
 from recllm_jax.data.jsonl import read_jsonl
 from recllm_jax.data.schema import (
   CATALOG_FILE,
@@ -26,7 +28,7 @@ from recllm_jax.data.schema import (
 )
 from recllm_jax.data.synthetic import ensure_synthetic
 
-__all__ = ["FORMATS", "detect_format", "load_dataset"]
+__all__ = ["FORMATS", "data_dir", "detect_format", "load_dataset", "load_run_data"]
 
 FORMATS = ("auto", "jsonl", "amazon18", "synthetic")
 
@@ -85,3 +87,23 @@ def load_dataset(
       valid_fraction=valid_fraction,
     )
   return read_jsonl(root, on_bad_data=on_bad_data, min_history=min_history, max_history=max_history)
+
+
+def data_dir(config: Any, workdir: str | os.PathLike[str]) -> Path:
+  """A run's data folder: `data.dir`, or `<workdir>/data` for generated synthetic data."""
+  if config.data.dir:
+    return Path(config.data.dir)
+  if config.data.format == "synthetic":
+    return Path(workdir) / "data"
+  raise DataError(f"data.dir is empty; set --config.data.dir (format={config.data.format!r})")
+
+
+def load_run_data(config: Any, workdir: str | os.PathLike[str]) -> tuple[RecDataset, ItemCodec]:
+  """The dataset of a run config (`data.*`, `seed`) and its item codec (`data.item_format`).
+
+  Configs written before `data.item_format` existed mean titles.
+  """
+  root = data_dir(config, workdir)
+  dataset = load_dataset(root, config.data.format, on_bad_data=config.data.on_bad_data,
+                         valid_fraction=config.data.get("valid_fraction", 0.1), seed=config.seed)
+  return dataset, make_codec(config.data.get("item_format", "title"), dataset.catalog, root)

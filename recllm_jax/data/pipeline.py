@@ -24,7 +24,8 @@ Batch layout (`[B, T]`, T a bucket length), sent to the devices:
   input_ids          int32   tokens fed to the model (padded with `pad_id`)
   attention_mask     int32   1 on real tokens
   targets            int32   next token at every position (`input_ids` shifted left)
-  loss_mask          float32 1 where `targets` is a completion/eos token
+  loss_mask          float32 1 where `targets` is a completion/eos token (or, with
+                     `history_loss`, a token of a history item after the first)
 Host-only per-row statistics (`[B]` int32; `split_stats` removes them, `to_global` skips them):
   history_truncated  1 if the prompt shows fewer history items than the example has
   eos_lost           1 if the completion was cut, so its eos is not trained
@@ -71,6 +72,26 @@ class TokenizedExample:
   completion_start: int
   history_truncated: bool = False
   eos_lost: bool = False
+  # Prompt positions (indices into `tokens`) also trained on: history items (`history_loss`).
+  prompt_targets: tuple[int, ...] = ()
+
+
+def span_positions(tokenizer: Tokenizer, prompt: str, prompt_ids: Sequence[int],
+                   spans: Sequence[tuple[int, int]]) -> tuple[int, ...]:
+  """Indices into `prompt_ids` of the tokens inside the character `spans` of `prompt`.
+
+  Uses the fast tokenizer's offsets; `prompt_ids` may start with a BOS that `encode_prompt`
+  prepended (offsets are then shifted by one token).
+  """
+  enc = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+  shift = len(prompt_ids) - len(enc["input_ids"])
+  if shift not in (0, 1) or list(prompt_ids[shift:]) != list(enc["input_ids"]):
+    raise ValueError("the prompt's offsets do not match its token ids (encode_prompt changed?)")
+  out = []
+  for t, (a, b) in enumerate(enc["offset_mapping"]):
+    if b > a and any(lo <= a and b <= hi for lo, hi in spans):
+      out.append(t + shift)
+  return tuple(out)
 
 
 def tokenize_example(pair: SftPair, tokenizer: Tokenizer, max_length: int) -> TokenizedExample:
@@ -93,9 +114,11 @@ def tokenize_example(pair: SftPair, tokenizer: Tokenizer, max_length: int) -> To
   completion_ids = tokenizer.encode(pair.completion, add_special_tokens=False)
   completion_ids = [*completion_ids, tokenizer.eos_token_id]
   tokens = np.asarray(prompt_ids + completion_ids[:room], np.int32)
+  prompt_targets = (span_positions(tokenizer, pair.prompt, prompt_ids, pair.history_spans)
+                    if pair.history_spans else ())
   return TokenizedExample(tokens=tokens, completion_start=len(prompt_ids),
                           history_truncated=pair.history_truncated,
-                          eos_lost=len(completion_ids) > room)
+                          eos_lost=len(completion_ids) > room, prompt_targets=prompt_targets)
 
 
 def collate(examples: Sequence[TokenizedExample], buckets: Sequence[int], pad_id: int) -> Batch:
@@ -117,6 +140,8 @@ def collate(examples: Sequence[TokenizedExample], buckets: Sequence[int], pad_id
     batch["targets"][row, :n] = ex.tokens[1:]
     # targets[i] = tokens[i + 1]: completion targets start at position completion_start - 1.
     batch["loss_mask"][row, ex.completion_start - 1:n] = 1.0
+    for position in ex.prompt_targets:  # position >= 1: history items after the first
+      batch["loss_mask"][row, position - 1] = 1.0
   return batch
 
 
@@ -278,13 +303,29 @@ def format_train_examples(examples: Sequence[TokenizedExample], tokenizer: Token
       notes.append(f"{len(completion)} trained tokens")
     notes += [name.replace("_", " ") for name in STAT_KEYS if getattr(ex, name)]
     out.append(f"===== example {i} of {len(examples)} ({', '.join(notes)}) =====\n")
-    text = tokenizer.decode(prompt, skip_special_tokens=False)
+    if ex.prompt_targets:
+      notes.append(f"{len(ex.prompt_targets)} trained history tokens in [[ ]]")
+      out[-1] = f"===== example {i} of {len(examples)} ({', '.join(notes)}) =====\n"
+    text = _decode_marked(tokenizer, prompt, set(ex.prompt_targets))
     out.append(text if text.endswith("\n") else text + "\n")
     if completion:
       out.append(LOSS_MARKER + "\n")
       out.append(tokenizer.decode(completion, skip_special_tokens=False) + "\n")
     out.append("\n")
   return "".join(out)
+
+
+def _decode_marked(tokenizer: Tokenizer, tokens: Sequence[int], marked: set[int]) -> str:
+  """`tokens` decoded, each run of `marked` positions wrapped in [[ ]]."""
+  if not marked:
+    return tokenizer.decode(tokens, skip_special_tokens=False)
+  parts, start = [], 0
+  for i in range(1, len(tokens) + 1):
+    if i == len(tokens) or (i in marked) != (start in marked):
+      text = tokenizer.decode(tokens[start:i], skip_special_tokens=False)
+      parts.append(f"[[{text}]]" if start in marked else text)
+      start = i
+  return "".join(parts)
 
 
 def format_prompts(prompts: Sequence[Sequence[int]], tokenizer: Tokenizer) -> str:

@@ -8,6 +8,9 @@ rationale followed by ``<answer>``. Every piece of text comes from a
 :class:`PromptConfig` template so experiments can change wording without
 touching code, and so SFT, GRPO and evaluation render identical prompts.
 
+Items are written by the run's item codec (:mod:`recllm_jax.data.items`): every function that
+takes a ``catalog`` also takes an ``ItemCodec`` there; a plain :class:`Catalog` means titles.
+
 The completion format is a contract shared with rewards and constrained
 decoding (docs/data.md, "Completion format"): a chat template may already
 open the think block in the prompt (the real DeepSeek-R1-Distill template
@@ -25,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from recllm_jax.data.catalog import Catalog
+from recllm_jax.data.items import ItemCodec, as_codec
 from recllm_jax.data.schema import Example
 from recllm_jax.data.tokenizer import EOS_TOKEN, PAD_TOKEN, Tokenizer, encode_prompt
 
@@ -43,6 +47,7 @@ __all__ = [
   "build_rationale",
   "build_sft_pair",
   "build_target",
+  "history_spans",
   "count_tokens",
   "direct_answer_prefix",
   "extract_titles",
@@ -73,12 +78,16 @@ class PromptConfig:
 
   Placeholders: ``user_template``: {profile} {history} {instruction}
   {answer_format}; ``plain_template``: {system} {user};
-  ``history_item_template``: {index} {title} {details};
+  ``history_item_template``: {index} {item} {title} {details} ({item}: the item as the run's
+  item codec writes it, its title or its semantic ID; {title}: always the title, e.g.
+  ``"{index}. {item} {title}\n"`` shows both beside a SID);
+  ``direct_answer_format`` and ``cot_answer_format``: {noun} (the codec's name for the item
+  text: "title", "semantic ID");
   ``details_template``: {attributes}; ``attribute_template`` and
   ``profile_field_template``: {name} {value}; ``profile_template``:
   {profile}; ``cot_template``: {rationale} {answer}.
 
-  Assistant texts (titles joined by ``item_delimiter``):
+  Assistant texts (item texts, e.g. titles, joined by ``item_delimiter``):
 
   * ``cot``: ``cot_template``, by default
     ``"<think>\\n{rationale}\\n</think>\\n\\n<answer>\\n{answer}\\n</answer>"``;
@@ -99,15 +108,15 @@ class PromptConfig:
   use_chat_template: bool = True
   system_prompt: str | None = None
 
-  direct_answer_format: str = "Reply with the exact title of the item and nothing else."
+  direct_answer_format: str = "Reply with the exact {noun} of the item and nothing else."
   cot_answer_format: str = (
-    "Think briefly inside <think></think>, then give the exact title of the item inside <answer></answer>."
+    "Think briefly inside <think></think>, then give the exact {noun} of the item inside <answer></answer>."
   )
   profile_template: str = "User profile: {profile}\n\n"
   profile_field_template: str = "{name}: {value}"
   profile_field_separator: str = "; "
   history_header: str = "Purchase history (oldest first):\n"
-  history_item_template: str = "{index}. {title}{details}\n"
+  history_item_template: str = "{index}. {item}{details}\n"
   details_template: str = " ({attributes})"
   attribute_template: str = "{name}: {value}"
   attribute_separator: str = ", "
@@ -135,13 +144,17 @@ class SftPair:
   """One SFT example as text: loss is computed on ``completion`` (plus the EOS) only.
 
   ``history_kept`` of the example's ``history_total`` history items are shown in the prompt
-  (fewer when the history budget cut the oldest ones).
+  (fewer when the history budget cut the oldest ones). ``history_spans``: ``(start, end)``
+  character spans in ``prompt`` of the shown history items after the first, trained on as
+  well when ``build_sft_pair(..., history_loss=True)`` (each is the next item of the ones
+  before it); empty otherwise.
   """
 
   prompt: str
   completion: str
   history_kept: int = 0
   history_total: int = 0
+  history_spans: tuple[tuple[int, int], ...] = ()
 
   @property
   def history_truncated(self) -> bool:
@@ -194,19 +207,21 @@ def _render_details(attributes: Mapping[str, Any], cfg: PromptConfig) -> str:
   return cfg.details_template.format(attributes=cfg.attribute_separator.join(parts)) if parts else ""
 
 
-def _render_items(item_ids: Sequence[str], catalog: Catalog, cfg: PromptConfig) -> str:
+def _render_items(item_ids: Sequence[str], items: Catalog | ItemCodec, cfg: PromptConfig) -> str:
+  codec = as_codec(items)
   return "".join(
     cfg.history_item_template.format(
       index=index,
-      title=catalog[item_id].title,
-      details=_render_details(catalog[item_id].attributes, cfg),
+      item=codec.text(item_id),
+      title=codec.catalog[item_id].title,
+      details=_render_details(codec.catalog[item_id].attributes, cfg),
     )
     for index, item_id in enumerate(item_ids, start=1)
   )
 
 
 def render_history(
-  example: Example, catalog: Catalog, tokenizer: Tokenizer | None, cfg: PromptConfig,
+  example: Example, catalog: Catalog | ItemCodec, tokenizer: Tokenizer | None, cfg: PromptConfig,
   *, max_tokens: int | None = None,
 ) -> tuple[str, int]:
   """Render the history block; returns ``(text, number of items kept)``.
@@ -251,11 +266,12 @@ def _render_profile(profile: Mapping[str, Any] | None, cfg: PromptConfig) -> str
 
 
 def _prompt(
-  example: Example, catalog: Catalog, tokenizer: Tokenizer | None, cfg: PromptConfig,
+  example: Example, catalog: Catalog | ItemCodec, tokenizer: Tokenizer | None, cfg: PromptConfig,
   history_tokens: int | None = None,
 ) -> tuple[str, int]:
   history, kept = render_history(example, catalog, tokenizer, cfg, max_tokens=history_tokens)
   answer_format = cfg.cot_answer_format if cfg.target_format == "cot" else cfg.direct_answer_format
+  answer_format = answer_format.format(noun=as_codec(catalog).noun)
   user = cfg.user_template.format(
     profile=_render_profile(example.profile, cfg),
     history=history,
@@ -270,7 +286,7 @@ def _prompt(
   return cfg.plain_template.format(system=system, user=user), kept
 
 
-def build_prompt(example: Example, catalog: Catalog, tokenizer: Tokenizer | None, cfg: PromptConfig) -> str:
+def build_prompt(example: Example, catalog: Catalog | ItemCodec, tokenizer: Tokenizer | None, cfg: PromptConfig) -> str:
   """The full prompt text, ending where the model's completion starts.
 
   Uses the tokenizer's chat template (with the generation prompt) when it
@@ -293,7 +309,7 @@ def prompt_opens_think(prompt: str) -> bool:
 
 
 def build_rationale(
-  example: Example, catalog: Catalog, cfg: PromptConfig, *, visible_items: int | None = None
+  example: Example, catalog: Catalog | ItemCodec, cfg: PromptConfig, *, visible_items: int | None = None
 ) -> str:
   """A short templated reasoning text for CoT SFT.
 
@@ -306,11 +322,13 @@ def build_rationale(
   teaches the *shape* of useful reasoning (pattern, then attributes, then
   title); GRPO later improves the content.
   """
+  codec = as_codec(catalog)
+  catalog = codec.catalog
   window = cfg.rationale_window if visible_items is None else min(cfg.rationale_window, visible_items)
   recent = example.history[-window:] if window > 0 else ()
   lines: list[str] = []
   if recent:
-    lines.append(f'The most recent item is "{catalog[recent[-1]].title}".')
+    lines.append(f'The most recent item is "{codec.text(recent[-1])}".')
   else:
     lines.append("The user has no history, so a generally popular item is a reasonable choice.")
   for name in cfg.history_attributes:
@@ -337,10 +355,11 @@ def direct_answer_prefix(think_open: bool) -> str:
 
 
 def _assistant_text(
-  example: Example, catalog: Catalog, cfg: PromptConfig, visible_items: int | None, think_open: bool
+  example: Example, catalog: Catalog | ItemCodec, cfg: PromptConfig, visible_items: int | None, think_open: bool
 ) -> str:
   """The whole assistant turn, including any think opening the prompt may already hold."""
-  answer = cfg.item_delimiter.join(catalog[item_id].title for item_id in example.targets)
+  codec = as_codec(catalog)
+  answer = cfg.item_delimiter.join(codec.text(item_id) for item_id in example.targets)
   if cfg.target_format == "direct":
     return EMPTY_THINK + answer if think_open else answer
   rationale = build_rationale(example, catalog, cfg, visible_items=visible_items)
@@ -358,7 +377,7 @@ def _after_prompt(text: str, opened: str) -> str:
 
 
 def build_target(
-  example: Example, catalog: Catalog, cfg: PromptConfig, *, visible_items: int | None = None,
+  example: Example, catalog: Catalog | ItemCodec, cfg: PromptConfig, *, visible_items: int | None = None,
   think_open: bool = False,
 ) -> str:
   """The completion text (without eos; the data pipeline appends it).
@@ -379,7 +398,7 @@ def build_target(
 
 
 def _sft_pair(
-  example: Example, catalog: Catalog, tokenizer: Tokenizer | None, cfg: PromptConfig,
+  example: Example, catalog: Catalog | ItemCodec, tokenizer: Tokenizer | None, cfg: PromptConfig,
   history_tokens: int | None,
 ) -> SftPair:
   prompt, kept = _prompt(example, catalog, tokenizer, cfg, history_tokens)
@@ -390,9 +409,33 @@ def _sft_pair(
   return SftPair(prompt, _after_prompt(text, opened), kept, len(example.history))
 
 
+def history_spans(prompt: str, example: Example, catalog: Catalog | ItemCodec, cfg: PromptConfig,
+                  kept: int) -> tuple[tuple[int, int], ...]:
+  """Character spans in ``prompt`` of the item texts of the shown history items 2..``kept``.
+
+  Found by rendering the history block again and locating it in the prompt; () if the block
+  does not occur verbatim (a chat template that rewrites the user text).
+  """
+  codec = as_codec(catalog)
+  shown = example.history[-kept:] if kept else ()
+  block_start = prompt.find(cfg.history_header + _render_items(shown, codec, cfg))
+  if block_start < 0 or len(shown) < 2:
+    return ()
+  spans, cursor = [], block_start + len(cfg.history_header)
+  for index, item_id in enumerate(shown, start=1):
+    line = cfg.history_item_template.format(
+      index=index, item=codec.text(item_id), title=codec.catalog[item_id].title,
+      details=_render_details(codec.catalog[item_id].attributes, cfg))
+    at = line.find(codec.text(item_id), len(str(index)))
+    if index > 1 and at >= 0:
+      spans.append((cursor + at, cursor + at + len(codec.text(item_id))))
+    cursor += len(line)
+  return tuple(spans)
+
+
 def build_sft_pair(
-  example: Example, catalog: Catalog, tokenizer: Tokenizer | None, cfg: PromptConfig,
-  *, max_length: int | None = None,
+  example: Example, catalog: Catalog | ItemCodec, tokenizer: Tokenizer | None, cfg: PromptConfig,
+  *, max_length: int | None = None, history_loss: bool = False,
 ) -> SftPair:
   """The prompt and completion of one example; loss is computed on the completion only.
 
@@ -403,7 +446,17 @@ def build_sft_pair(
   header and the instruction are never cut; only old history items are. The completion
   is recomputed for the items that stay visible (the CoT rationale cites only those).
   If even the newest item alone does not fit, the pipeline cuts the completion's tail.
+  ``history_loss``: fill ``history_spans`` (see :class:`SftPair`).
   """
+  pair = _budgeted_pair(example, catalog, tokenizer, cfg, max_length)
+  if not history_loss:
+    return pair
+  spans = history_spans(pair.prompt, example, catalog, cfg, pair.history_kept)
+  return dataclasses.replace(pair, history_spans=spans)
+
+
+def _budgeted_pair(example: Example, catalog: Catalog | ItemCodec, tokenizer: Tokenizer | None,
+                   cfg: PromptConfig, max_length: int | None) -> SftPair:
   pair = _sft_pair(example, catalog, tokenizer, cfg, None)
   if max_length is None or tokenizer is None:
     return pair

@@ -22,6 +22,7 @@ __all__ = [
   "INTERACTIONS_PARQUET",
   "RecDataset",
   "SPLITS",
+  "user_sequences",
 ]
 
 SPLITS = ("train", "valid", "test")
@@ -93,3 +94,25 @@ class RecDataset:
       f"RecDataset({self.catalog!r}, train={len(self.train)}, valid={len(self.valid)}, "
       f"test={len(self.test)}, skipped={self.skipped})"
     )
+
+
+def user_sequences(examples: list[Example]) -> list[Example]:
+  """The examples that are not a prefix of another example of the same user, in input order.
+
+  Training examples rebuilt from sliding windows repeat each user's sequence once per prefix
+  (every prefix predicts its next item). Trained with the loss on every history item, the
+  longest sequence alone teaches all of those next items, at a fraction of the tokens. An
+  example is a prefix of another when its history + targets starts the other's history +
+  targets; equal sequences keep their first occurrence.
+  """
+  by_user: dict[str, list[tuple[str, ...]]] = {}
+  for ex in examples:
+    by_user.setdefault(ex.user_id, []).append(ex.history + ex.targets)
+  kept, seen = [], set()
+  for ex in examples:
+    seq = ex.history + ex.targets
+    longer = any(len(other) > len(seq) and other[:len(seq)] == seq for other in by_user[ex.user_id])
+    if not longer and (ex.user_id, seq) not in seen:
+      seen.add((ex.user_id, seq))
+      kept.append(ex)
+  return kept

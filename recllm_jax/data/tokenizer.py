@@ -19,7 +19,7 @@ the prompt code can import this module cheaply.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -117,8 +117,14 @@ def train_bpe_tokenizer(
   vocab_size: int = 2048,
   chat_template: bool = True,
   min_frequency: int = 2,
+  added_tokens: Sequence[str] = (),
 ) -> transformers.PreTrainedTokenizerFast:
   """Train a byte-level BPE on ``texts``, save it to ``out_dir`` and return it.
+
+  ``added_tokens`` (e.g. semantic-ID item tokens ``<a_12>``) get ids after the BPE and the
+  reasoning tags, on top of ``vocab_size``. Like the reasoning tags they are added, not special,
+  not normalized: each encodes to exactly one id wherever it appears (also glued to text or to
+  each other, ``"1. <a_1><b_2>"``), and ``decode(skip_special_tokens=True)`` keeps them.
 
   Nothing is added automatically on ``encode`` (like Qwen2 tokenizers):
   the chat template emits bos itself, and the data pipeline appends eos to
@@ -153,6 +159,9 @@ def train_bpe_tokenizer(
   )
   tok.train_from_iterator(texts, trainer=trainer)
   tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in REASONING_TOKENS])
+  extra = [t for t in dict.fromkeys(added_tokens) if t not in REASONING_TOKENS]
+  if extra:
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in extra])
 
   hf = transformers.PreTrainedTokenizerFast(
     tokenizer_object=tok,

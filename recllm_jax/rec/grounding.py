@@ -38,6 +38,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 
 from recllm_jax.data.catalog import Catalog, normalize_title
+from recllm_jax.data.items import ItemCodec, as_codec
 
 __all__ = [
   "MATCH_EXACT",
@@ -104,7 +105,8 @@ class Grounder:
   """Maps titles to item ids for one catalog; build once, query many times.
 
   Args:
-    catalog: the items to ground to.
+    catalog: the items to ground to: a `Catalog` (titles) or an `ItemCodec` (its item texts;
+      a SID codec grounds exact and whitespace-normalised SIDs only, never fuzzy).
     popularity: item id -> interaction count (e.g. ``data.popularity`` of the
       *training* examples); decides which id a shared title grounds to.
     fuzzy_cutoff: minimum ``SequenceMatcher`` ratio for a fuzzy match, in
@@ -119,7 +121,7 @@ class Grounder:
 
   def __init__(
     self,
-    catalog: Catalog,
+    catalog: Catalog | ItemCodec,
     popularity: Mapping[str, int] | None = None,
     *,
     fuzzy_cutoff: float | None = 0.9,
@@ -131,9 +133,11 @@ class Grounder:
       raise ValueError(f"fuzzy_cutoff must be in (0, 1] or None, got {fuzzy_cutoff}")
     if max_candidates < 1 or max_postings < 1:
       raise ValueError(f"max_candidates and max_postings must be >= 1, got {max_candidates}, {max_postings}")
-    self.catalog = catalog
+    self.codec = as_codec(catalog)
+    catalog = self.catalog = self.codec.catalog
     self.popularity = popularity
-    self.fuzzy_cutoff = fuzzy_cutoff
+    # A SID is either exact or another item: similarity between SID strings means nothing.
+    self.fuzzy_cutoff = fuzzy_cutoff if self.codec.fuzzy else None
     self.max_candidates = max_candidates
     self.max_postings = max_postings
     self.cache_size = cache_size
@@ -142,8 +146,10 @@ class Grounder:
     exact: dict[str, list[str]] = {}
     by_key: dict[str, list[str]] = {}
     for item in catalog:
-      exact.setdefault(item.title, []).append(item.item_id)
-      by_key.setdefault(fuzzy_key(item.title), []).append(item.item_id)
+      text = self.codec.text(item.item_id)
+      exact.setdefault(text, []).append(item.item_id)
+      if self.fuzzy_cutoff is not None:
+        by_key.setdefault(fuzzy_key(text), []).append(item.item_id)
     self._exact = {t: _most_popular(ids, popularity) for t, ids in exact.items()}
     # Fuzzy keys in catalog order (dict order), so index order breaks ratio ties.
     self._keys: list[str] = list(by_key)
@@ -181,9 +187,9 @@ class Grounder:
     item_id = self._exact.get(title)
     if item_id is not None:
       return item_id, MATCH_EXACT
-    item_id = self.catalog.ground_title(title, self.popularity)
-    if item_id is not None:
-      return item_id, MATCH_NORMALIZED
+    ids = self.codec.ids_for_text(title)
+    if ids:
+      return _most_popular(ids, self.popularity), MATCH_NORMALIZED
     if self.fuzzy_cutoff is not None:
       k = self._fuzzy(fuzzy_key(title))
       if k is not None:

@@ -10,6 +10,12 @@ A run's weights come from one of three places, chosen by config:
 
 `load_checkpoint(workdir)` is the inference entry point built on the same pieces: model,
 tokenizer and config of a trained workdir, without optimizer or data.
+
+Added tokens (`load_tokenizer(new_tokens=...)`, e.g. semantic-ID item tokens): a pretrained
+model whose embedding has fewer rows than its tokenizer now has tokens is grown
+(`models.grow_vocab`, to `len(tokenizer)` rounded up to a multiple of 64) when its HF weights
+are loaded. A workdir's checkpoint is always restored at the vocabulary size it was saved with
+(read from the checkpoint itself), so a grown run resumes, exports and seeds GRPO exactly.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from flax import nnx
 
 from recllm_jax import paths, sharding
 from recllm_jax.errors import ConfigError, MissingPathError
-from recllm_jax.models import PRESETS, Qwen2ForCausalLM
+from recllm_jax.models import PRESETS, Qwen2ForCausalLM, grow_vocab, vocab_size_for
 from recllm_jax.models.config import Qwen2Config
 
 log = logging.getLogger(__name__)
@@ -38,7 +44,9 @@ DEEPSEEK_URL = "https://huggingface.co/deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B
 ARCH_OVERRIDES = ("hidden_size", "intermediate_size", "num_hidden_layers",
                   "num_attention_heads", "num_key_value_heads")
 CONFIG_FILE = "config.json"  # the resolved run config, written into every workdir
-TOKENIZER_DIR = "tokenizer"  # a tokenizer trained by the run, inside its workdir
+# The run's own tokenizer inside its workdir: a BPE it trained, or a pretrained tokenizer plus
+# the tokens the run added. When present it is the run's tokenizer (resume, export, GRPO).
+TOKENIZER_DIR = "tokenizer"
 
 
 # --- where the weights come from --------------------------------------------------------------
@@ -130,32 +138,60 @@ def read_run_config(workdir: str | Path) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
-def _tokenizer_dir(config: ml_collections.ConfigDict, workdir: Path) -> Path | str | None:
-  """Where this run's tokenizer lives (None: train one on the catalog into the workdir)."""
+def _tokenizer_dir(config: ml_collections.ConfigDict,
+                   workdir: Path | epath.Path) -> Path | epath.Path | str | None:
+  """Where this run's tokenizer lives (None: train one on the catalog into the workdir).
+
+  The workdir's own copy comes first: it holds a BPE the run trained, or a pretrained tokenizer
+  plus the tokens the run added (`load_tokenizer(new_tokens=...)`), whose ids the checkpoints
+  were trained with. Then `init_from` (that run's tokenizer, by the same rule),
+  `model.tokenizer_path`, `model.hf_path`.
+  """
+  local = workdir / TOKENIZER_DIR
+  if (local / "tokenizer.json").exists():
+    return local
   if config.get("init_from"):
     source = parse_init_from(config.init_from)
     if source.kind == "hf":
       return source.path
     return _tokenizer_dir(read_run_config(source.path), source.path)
-  path = config.model.get("tokenizer_path") or config.model.hf_path
-  if path:
-    return path
-  local = workdir / TOKENIZER_DIR
-  return local if (local / "tokenizer.json").exists() else None
+  return config.model.get("tokenizer_path") or config.model.hf_path or None
+
+
+def _added_token(text: str) -> Any:
+  """A token that is split out of any text before the BPE and kept by `skip_special_tokens`."""
+  from tokenizers import AddedToken
+  return AddedToken(text, special=False, normalized=False)
 
 
 def load_tokenizer(config: ml_collections.ConfigDict, workdir: str | Path, catalog: Any = None,
-                   extra_texts: Sequence[str] = ()):
+                   extra_texts: Sequence[str] = (), new_tokens: Sequence[str] = ()):
   """The tokenizer of `init_from`, `model.tokenizer_path` or `model.hf_path`, else a byte-level
   BPE trained on the catalog texts plus `extra_texts` (e.g. rendered prompts, so the template
   wording gets merged tokens too) and saved in the workdir (reloaded on resume, so token ids
-  never change under a checkpoint)."""
+  never change under a checkpoint).
+
+  `new_tokens` (e.g. semantic-ID item tokens `<a_12>`) become single added tokens (not
+  special, not normalized): a trained BPE gets them at training time; a pretrained tokenizer
+  that lacks some gets them appended (`add_tokens`) and is then saved into `<workdir>/
+  tokenizer`, which every later stage of this run (resume, evaluate, export, GRPO
+  `init_from`) reads first, so token ids never change. A model loaded from HF weights is grown
+  to match (`build_model`). With no `new_tokens`, nothing is written.
+  """
   import transformers  # heavy; only needed here
 
   workdir = Path(workdir)
   path = _tokenizer_dir(config, workdir)
   if path is not None:
-    return transformers.AutoTokenizer.from_pretrained(path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    added = tokenizer.get_added_vocab()
+    missing = [t for t in dict.fromkeys(new_tokens) if t not in added]
+    if missing:
+      tokenizer.add_tokens([_added_token(t) for t in missing])
+      log.info("added %d tokens to the tokenizer of %s (now %d tokens) -> %s", len(missing), path,
+               len(tokenizer), workdir / TOKENIZER_DIR)
+      tokenizer.save_pretrained(workdir / TOKENIZER_DIR)
+    return tokenizer
   if catalog is None:
     raise MissingPathError(f"{workdir / TOKENIZER_DIR} has no tokenizer.json")
   from recllm_jax.data.tokenizer import train_bpe_tokenizer
@@ -163,10 +199,12 @@ def load_tokenizer(config: ml_collections.ConfigDict, workdir: str | Path, catal
   texts = [item.title for item in catalog] + [
       str(v) for item in catalog for v in item.attributes.values() if isinstance(v, str)]
   texts += list(extra_texts)
-  log.info("training a %d-token BPE tokenizer on %d catalog and prompt texts -> %s",
-           config.model.tokenizer_vocab_size, len(texts), workdir / TOKENIZER_DIR)
+  log.info("training a %d-token BPE tokenizer (+ %d added tokens) on %d catalog and prompt "
+           "texts -> %s", config.model.tokenizer_vocab_size, len(new_tokens), len(texts),
+           workdir / TOKENIZER_DIR)
   return train_bpe_tokenizer(texts, workdir / TOKENIZER_DIR,
-                             vocab_size=config.model.tokenizer_vocab_size)
+                             vocab_size=config.model.tokenizer_vocab_size,
+                             added_tokens=new_tokens)
 
 
 # --- model -----------------------------------------------------------------------------------
@@ -189,17 +227,28 @@ def model_config(model_cfg: ml_collections.ConfigDict, vocab_size: int,
 
 
 def _check_vocab(model: Qwen2ForCausalLM, tokenizer: Any, source: str) -> None:
+  """A workdir's model is never grown: its rows are what its run trained with its tokenizer."""
   if model.cfg.vocab_size < len(tokenizer):
     raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model ({source}) only "
                       f"{model.cfg.vocab_size} embeddings; use the model's own tokenizer")
 
 
-def restore_params(cfg: Qwen2Config, mesh: jax.sharding.Mesh, workdir: Path,
-                   step: int | None) -> Qwen2ForCausalLM:
-  """A `cfg` model holding a workdir's params at `step` (None = latest), restored straight into
-  their sharded layout; the checkpoint's optimizer state, RNG and data iterator stay on disk."""
-  import orbax.checkpoint as ocp
+def _grow_to_tokenizer(model: Qwen2ForCausalLM, tokenizer: Any, seed: int,
+                       source: str) -> Qwen2ForCausalLM:
+  """Pretrained weights with rows for every token: grown (`models.grow_vocab`) to
+  `len(tokenizer)` rounded up to a multiple of 64 when the checkpoint's rows (spare padding
+  rows included) are too few, e.g. after adding item tokens to its tokenizer."""
+  size = vocab_size_for(model.cfg.vocab_size, len(tokenizer))
+  if size == model.cfg.vocab_size:
+    return model
+  log.info("growing the vocabulary of %s from %d to %d rows for a %d-token tokenizer", source,
+           model.cfg.vocab_size, size, len(tokenizer))
+  return grow_vocab(model, size, seed=seed)
 
+
+def _checkpoint_step(workdir: str | Path | epath.Path,
+                     step: int | None) -> tuple[epath.Path, int]:
+  """(checkpoints directory, step) of a workdir's checkpoint at `step` (None = latest)."""
   directory = paths.workdir_path(workdir) / "checkpoints"
   steps = sorted(int(p.name) for p in directory.iterdir()
                  if p.name.isdigit()) if directory.is_dir() else []
@@ -209,6 +258,33 @@ def restore_params(cfg: Qwen2Config, mesh: jax.sharding.Mesh, workdir: Path,
     step = steps[-1]
   elif step not in steps:
     raise ConfigError(f"{workdir}@{step}: no such checkpoint; saved steps are {steps}")
+  return directory, step
+
+
+def saved_vocab_size(workdir: str | Path, step: int | None = None) -> int:
+  """Embedding rows of a workdir's checkpoint at `step` (None = latest), from its metadata.
+
+  The one source of truth for a grown vocabulary: it is what Orbax must restore into, whatever
+  the tokenizer or the root HF config say.
+  """
+  import orbax.checkpoint as ocp
+
+  directory, step = _checkpoint_step(workdir, step)
+  meta = ocp.PyTreeCheckpointer().metadata(directory / str(step) / "state")
+  tree = getattr(meta, "item_metadata", meta)
+  tree = getattr(tree, "tree", tree)
+  embed = tree["params"]["embed_tokens"]["embedding"]
+  embed = embed.get("value", embed) if isinstance(embed, dict) else embed
+  return int(embed.shape[0])
+
+
+def restore_params(cfg: Qwen2Config, mesh: jax.sharding.Mesh, workdir: Path,
+                   step: int | None) -> Qwen2ForCausalLM:
+  """A `cfg` model holding a workdir's params at `step` (None = latest), restored straight into
+  their sharded layout; the checkpoint's optimizer state, RNG and data iterator stay on disk."""
+  import orbax.checkpoint as ocp
+
+  directory, step = _checkpoint_step(workdir, step)
   abstract = sharding.abstract_module(lambda: Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0)))
   graphdef, params = nnx.split(abstract, nnx.Param)
   target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -225,19 +301,23 @@ def restore_params(cfg: Qwen2Config, mesh: jax.sharding.Mesh, workdir: Path,
 def _model_from_workdir(source: InitSource, run_model_cfg: ml_collections.ConfigDict,
                         mesh: jax.sharding.Mesh, tokenizer: Any) -> Qwen2ForCausalLM:
   """The architecture of a workdir's run (followed back through its own `init_from`), with
-  this run's dtypes and remat, holding the workdir's params."""
+  this run's dtypes and remat, holding the workdir's params.
+
+  A pretrained root's vocabulary may have been grown for added tokens (`build_model`): the
+  rows are then those the checkpoint holds (`saved_vocab_size`), not the HF config's.
+  """
   saved = read_run_config(source.path)
   numerics = {k: run_model_cfg[k] for k in ("param_dtype", "dtype", "remat")}
   root = saved
   while root.get("init_from"):  # e.g. GRPO resumed from GRPO: the architecture is the root's
     inner = parse_init_from(root.init_from)
     if inner.kind == "hf":
-      cfg = _hf_config(inner.path, numerics)
+      cfg = _grown_hf_config(inner.path, numerics, source)
       break
     root = read_run_config(inner.path)
   else:
     if uses_pretrained(root.model):
-      cfg = _hf_config(root.model.hf_path, numerics)
+      cfg = _grown_hf_config(root.model.hf_path, numerics, source)
     else:
       cfg = model_config(ml_collections.ConfigDict({**root.model.to_dict(), **numerics}),
                          len(tokenizer), bos_token_id=tokenizer.bos_token_id,
@@ -249,6 +329,14 @@ def _hf_config(path: str | Path, numerics: dict[str, Any]) -> Qwen2Config:
   return Qwen2Config.from_pretrained(path, **numerics)
 
 
+def _grown_hf_config(path: str | Path, numerics: dict[str, Any],
+                     source: InitSource) -> Qwen2Config:
+  """The HF architecture with the vocabulary `source`'s checkpoint was saved with."""
+  cfg = _hf_config(path, numerics)
+  rows = saved_vocab_size(source.path, source.step)
+  return cfg if rows == cfg.vocab_size else cfg.replace(vocab_size=rows)
+
+
 def _load_hf(path: str | Path, model_cfg: ml_collections.ConfigDict,
              mesh: jax.sharding.Mesh) -> Qwen2ForCausalLM:
   from recllm_jax.models.qwen2_hf import load_hf_model
@@ -258,18 +346,26 @@ def _load_hf(path: str | Path, model_cfg: ml_collections.ConfigDict,
 
 def build_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                 tokenizer: Any) -> Qwen2ForCausalLM:
-  """The model a run starts from (see the module docstring), sharded over `mesh`."""
+  """The model a run starts from (see the module docstring), sharded over `mesh`.
+
+  HF weights (`model.hf_path`, `init_from=<hf dir>`) are grown to the tokenizer when it has more
+  tokens than they have rows (`_grow_to_tokenizer`; deterministic in `config.seed`, so a resumed
+  run builds the same shapes before its checkpoint is restored). A workdir's model must already
+  have a row for every token (ConfigError otherwise).
+  """
   model_cfg = config.model
   if config.get("init_from"):
     source = parse_init_from(config.init_from)
-    model = (_load_hf(source.path, model_cfg, mesh) if source.kind == "hf" else
-             _model_from_workdir(source, model_cfg, mesh, tokenizer))
-    _check_vocab(model, tokenizer, f"init_from={config.init_from!r}")
+    what = f"init_from={config.init_from!r}"
+    if source.kind == "hf":
+      return _grow_to_tokenizer(_load_hf(source.path, model_cfg, mesh), tokenizer, config.seed,
+                                what)
+    model = _model_from_workdir(source, model_cfg, mesh, tokenizer)
+    _check_vocab(model, tokenizer, what)
     return model
   if uses_pretrained(model_cfg):
-    model = _load_hf(model_cfg.hf_path, model_cfg, mesh)
-    _check_vocab(model, tokenizer, f"model.hf_path={model_cfg.hf_path!r}")
-    return model
+    return _grow_to_tokenizer(_load_hf(model_cfg.hf_path, model_cfg, mesh), tokenizer,
+                              config.seed, f"model.hf_path={model_cfg.hf_path!r}")
   cfg = model_config(model_cfg, len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
   return sharding.create_sharded(lambda: Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(config.seed)),
@@ -292,4 +388,4 @@ def load_checkpoint(workdir: str | Path, step: int | None = None, *,
 __all__ = ["ARCH_OVERRIDES", "CONFIG_FILE", "DEEPSEEK_URL", "InitSource", "TOKENIZER_DIR",
            "build_model", "check_model_choice", "check_model_path", "load_checkpoint",
            "load_tokenizer", "model_config", "parse_init_from", "read_run_config",
-           "restore_params", "uses_pretrained"]
+           "restore_params", "saved_vocab_size", "uses_pretrained"]

@@ -179,11 +179,11 @@ class GrpoTask:
   name = "grpo"
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path):
-    from recllm_jax.data.loading import load_dataset
+    from recllm_jax.data.loading import load_run_data
     from recllm_jax.data.prompts import PromptConfig
     from recllm_jax.rec import Grounder, RewardContext, BusinessRule
     from recllm_jax.train import build
-    from recllm_jax.train.sft import TRAIN_EXAMPLES_FILE, data_dir
+    from recllm_jax.train.sft import TRAIN_EXAMPLES_FILE
 
     self.config = config
     self.workdir = paths.workdir_path(workdir)
@@ -193,9 +193,9 @@ class GrpoTask:
     adv_lib.get_advantage_fn(gc.advantage)
     policy_loss.get_loss_aggregation(gc.loss_type)
     self.updates_per_step = int(gc.num_iterations)
-    self.dataset = load_dataset(data_dir(config, self.workdir), config.data.format,
-                                on_bad_data=config.data.on_bad_data, seed=config.seed)
-    self.tokenizer = build.load_tokenizer(config, self.workdir, self.dataset.catalog)
+    self.dataset, self.codec = load_run_data(config, self.workdir)
+    self.tokenizer = build.load_tokenizer(config, self.workdir, self.dataset.catalog,
+                                          new_tokens=self.codec.new_tokens())
     self.prompt_cfg = PromptConfig(**config.data.prompt.to_dict())
     if gc.rollout == "beam":  # beams are bare titles: direct prompts, direct parsing
       self.prompt_cfg = dataclasses.replace(self.prompt_cfg, target_format="direct")
@@ -207,7 +207,7 @@ class GrpoTask:
               BusinessRule(attribute=b.attribute, value=b.value, boost=b.boost))
     self.reward_ctx = RewardContext.from_dataset(self.dataset, k=config.reward_k,
                                                  business_rule=rule)
-    self.grounder = Grounder(self.dataset.catalog, popularity=self.reward_ctx.popularity,
+    self.grounder = Grounder(self.codec, popularity=self.reward_ctx.popularity,
                              fuzzy_cutoff=gc.fuzzy_cutoff or None)
     self.reward_weights = dict(config.rewards.to_dict())
     self.reward_paths = dict(config.reward_fns.to_dict())
@@ -226,7 +226,7 @@ class GrpoTask:
       from recllm_jax.data.prompts import build_prompt, direct_answer_prefix, prompt_opens_think
       from recllm_jax.data.tokenizer import encode_prompt
       example = self.dataset.split(split)[index]
-      text = build_prompt(example, self.dataset.catalog, self.tokenizer, self.prompt_cfg)
+      text = build_prompt(example, self.codec, self.tokenizer, self.prompt_cfg)
       if self.gc.rollout == "beam":
         text += direct_answer_prefix(prompt_opens_think(text))
       self._prompt_cache[key] = (text, encode_prompt(self.tokenizer, text))
@@ -287,9 +287,8 @@ class GrpoTask:
 
   def _constraint(self, num_items: int, history: np.ndarray | None):
     if self._trie is None:
-      self._trie = cons.ItemTrie.from_titles(
-          [item.title for item in self.dataset.catalog], self.tokenizer,
-          vocab_size=self.run.vocab_size)
+      self._trie = cons.ItemTrie.from_codec(self.codec, self.tokenizer,
+                                            vocab_size=self.run.vocab_size)
     delim = self.tokenizer.encode(self.prompt_cfg.item_delimiter, add_special_tokens=False)
     return cons.CatalogConstraint(self._trie, eos_token_id=self.tokenizer.eos_token_id,
                                   num_items=num_items, delimiter=tuple(delim), history=history)
@@ -442,7 +441,7 @@ class GrpoTask:
       row = p * g
       s = samples[row]
       parts = ", ".join(f"{k}={v[row]:.3f}" for k, v in components.items())
-      target = ", ".join(self.dataset.catalog[t].title for t in s.example.targets)
+      target = ", ".join(self.codec.text(t) for t in s.example.targets)
       blocks.append(
           f"=== step {step} | prompt {index} | reward {total[row]:.3f} ({parts})\n"
           f"--- prompt\n{self.prompt('train', index)[0]}\n--- completion\n{s.completion}\n"

@@ -22,7 +22,6 @@ import ml_collections
 
 from recllm_jax import paths
 from recllm_jax.data import pipeline
-from recllm_jax.data.errors import DataError
 from recllm_jax.train import build, optim
 from recllm_jax.train import metrics as metrics_lib
 from recllm_jax.train.loop import Work
@@ -74,15 +73,6 @@ def sft_loss_fn(model: Any, batch: Mapping[str, jax.Array], rng: jax.Array, *,
 # --- the task --------------------------------------------------------------------------------
 
 
-def data_dir(config: ml_collections.ConfigDict, workdir: Path) -> Path:
-  """`data.dir`, or `<workdir>/data` for generated synthetic data."""
-  if config.data.dir:
-    return Path(config.data.dir)
-  if config.data.format == "synthetic":
-    return workdir / "data"
-  raise DataError(f"data.dir is empty; set --config.data.dir (format={config.data.format!r})")
-
-
 TRAIN_EXAMPLES_FILE = "train_examples.txt"
 
 
@@ -112,26 +102,36 @@ class SftTask:
   updates_per_step = 1
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str | os.PathLike):
+    from recllm_jax.data.loading import load_run_data
     from recllm_jax.data.prompts import PromptConfig, build_sft_pair
-    from recllm_jax.data.loading import load_dataset
+    from recllm_jax.data.schema import user_sequences
 
     workdir = paths.workdir_path(workdir)
     self.config = config
     self.loss_fn = functools.partial(sft_loss_fn,
                                      logits_chunk_size=config.train.logits_chunk_size)
-    self.dataset = load_dataset(data_dir(config, workdir), config.data.format,
-                                on_bad_data=config.data.on_bad_data, seed=config.seed)
+    self.dataset, self.codec = load_run_data(config, workdir)
     if self.dataset.skipped:
       log.warning("skipped %d bad data rows (data.on_bad_data='skip')", self.dataset.skipped)
+    self.train_examples = self.dataset.train
+    if config.data.user_sequences:
+      self.train_examples = user_sequences(self.dataset.train)
+      log.info("data.user_sequences: %d of %d training examples are users' longest sequences",
+               len(self.train_examples), len(self.dataset.train))
     prompt_cfg = PromptConfig(**config.data.prompt.to_dict())
+    # The BPE learns the prompt wording on title prompts; item codes are added tokens.
     self.tokenizer = build.load_tokenizer(
         config, workdir, self.dataset.catalog,
-        extra_texts=tokenizer_texts(self.dataset.train, self.dataset.catalog, prompt_cfg))
-    catalog, tokenizer = self.dataset.catalog, self.tokenizer
-    max_length = config.data.max_length
+        extra_texts=tokenizer_texts(self.dataset.train, self.dataset.catalog, prompt_cfg),
+        new_tokens=self.codec.new_tokens())
+    codec, tokenizer = self.codec, self.tokenizer
+    max_length, history_loss = config.data.max_length, config.data.history_loss
     # The history is budgeted so prompt + completion + eos fit max_length (nothing else is cut).
-    self._format = lambda ex: build_sft_pair(ex, catalog, tokenizer, prompt_cfg,
-                                             max_length=max_length)
+    self._format = lambda ex: build_sft_pair(ex, codec, tokenizer, prompt_cfg,
+                                             max_length=max_length, history_loss=history_loss)
+    # val_loss stays the loss of the target alone, whatever history_loss trains on.
+    self._eval_format = lambda ex: build_sft_pair(ex, codec, tokenizer, prompt_cfg,
+                                                  max_length=max_length)
     self.pipeline_config = pipeline.PipelineConfig(
         batch_size=config.train.batch_size, max_length=max_length,
         num_buckets=config.data.num_buckets, seed=config.seed,
@@ -142,13 +142,13 @@ class SftTask:
   def write_train_examples(self, path: Path, count: int = 8) -> Path:
     """The first `count` training examples as trained on (tokens decoded, loss start marked)."""
     tokenize = pipeline.tokenize_fn(self._format, self.tokenizer, self.pipeline_config.max_length)
-    examples = [tokenize(ex) for ex in self.dataset.train[:count]]
+    examples = [tokenize(ex) for ex in self.train_examples[:count]]
     # Written here, not by `pipeline.write_train_examples`: `path` may be a gs:// epath.Path.
     path.write_text(pipeline.format_train_examples(examples, self.tokenizer), encoding="utf-8")
     return path
 
   def train_iterator(self) -> grain.DatasetIterator:
-    ds = pipeline.train_dataset(self.dataset.train, self._format, self.tokenizer,
+    ds = pipeline.train_dataset(self.train_examples, self._format, self.tokenizer,
                                 self.pipeline_config)
     return pipeline.make_iterator(ds, self.pipeline_config.prefetch_threads)
 
@@ -156,7 +156,7 @@ class SftTask:
     """Validation batches (at most `train.eval_batches`); empty if there is no valid split."""
     if not self.dataset.valid:
       return iter(())
-    return iter(pipeline.eval_dataset(self.dataset.valid, self._format, self.tokenizer,
+    return iter(pipeline.eval_dataset(self.dataset.valid, self._eval_format, self.tokenizer,
                                       self.pipeline_config, self.config.train.eval_batches))
 
   def setup(self, run: Any) -> None:
@@ -186,5 +186,5 @@ class SftTask:
     return {"val_loss": total / weight} if weight else {}
 
 
-__all__ = ["SftTask", "TRAIN_EXAMPLES_FILE", "data_dir", "sft_loss", "sft_loss_fn", "sft_loss_terms",
+__all__ = ["SftTask", "TRAIN_EXAMPLES_FILE", "sft_loss", "sft_loss_fn", "sft_loss_terms",
            "token_cross_entropy"]

@@ -274,7 +274,7 @@ def test_sft_pair_budgets_history_to_max_length(r1_tokenizer, target_format):
   assert length(one_more) > max_length + 1
   # The BOS, the template header and the instruction survive; the newest item is the last line.
   assert pair.prompt.startswith(f"{BOS_TOKEN}{USER_TOKEN}Purchase history (oldest first):\n1. ")
-  answer_format = cfg.cot_answer_format if target_format == "cot" else cfg.direct_answer_format
+  answer_format = (cfg.cot_answer_format if target_format == "cot" else cfg.direct_answer_format).format(noun="title")
   assert pair.prompt.endswith(f"{cfg.instruction} {answer_format}{ASSISTANT_TOKEN}<think>\n")
   assert f"{pair.history_kept}. Orbit Staples (brand: Orbit)\n\n" in pair.prompt
   # A generous max_length changes nothing; so does having no tokenizer (nothing to count with).
