@@ -8,6 +8,7 @@ Presets:
   (none)  the RecLLM-R1 GRPO stage on DeepSeek-R1-Distill-Qwen-1.5B with chain-of-thought:
           --config.init_from=/path/to/sft_workdir --config.data.dir=/path/to/amazon18/Office_Products
   tiny    a CPU smoke run from a `configs/sft.py:tiny` workdir on synthetic data (minutes).
+  office  beam-rollout GRPO of a `configs/sft.py:office` semantic-ID model (scripts/reproduce.sh).
 
 Contract keys (used by scripts and docs): init_from, train.batch_size (prompts; rows =
 prompts x G), train.num_steps, grpo.num_generations, grpo.beta, grpo.epsilon_low,
@@ -129,7 +130,38 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-PRESETS = {"": paper, "paper": paper, "tiny": tiny}
+def office(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """GRPO of a `configs/sft.py:office` SID model, MiniOneRec-style: the group is the G best
+  distinct items of a constrained beam search, rewarded for the target and its rank."""
+  c = tiny(c)
+  c.workdir = "/tmp/recllm_grpo_office"
+  c.init_from = "/tmp/recllm_sft_office"  # the default workdir of configs/sft.py:office
+  c.data.format = "amazon18"
+  c.data.item_format = "sid"
+  c.data.prompt.target_format = "direct"
+  c.data.prompt.history_attributes = ()
+  c.data.prompt.max_history_tokens = 200
+  c.grpo.rollout = "beam"
+  c.grpo.num_generations = 16  # MiniOneRec: 16 distinct items per prompt
+  c.grpo.max_new_tokens = 8  # a SID is 3-4 tokens, then EOS
+  c.grpo.beta = 1e-3  # MiniOneRec's rl.sh
+  c.grpo.eval_prompts = 128
+  c.rewards.format = 0.0  # a beam is always a well-formed catalog item
+  c.rewards.hit = 1.0  # MiniOneRec's `rule`
+  c.rewards.ndcg = 0.0
+  c.rewards.rank_aware = 1.0  # close to MiniOneRec's `ndcg_rule`
+  c.rewards.invalid = 0.0
+  c.rewards.repeat = 0.0
+  c.rewards.history = 0.0
+  c.train.num_steps = 40
+  c.train.batch_size = 8
+  c.train.lr = 1e-4
+  c.train.eval_every = 20
+  c.train.checkpoint_every = 20
+  return c
+
+
+PRESETS = {"": paper, "paper": paper, "tiny": tiny, "office": office}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

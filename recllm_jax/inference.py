@@ -2,10 +2,10 @@
 
 `recommend(model, tokenizer, examples, catalog, prompt_cfg, k=...)` turns examples into ranked
 catalog item ids, best first, so that `recllm_jax.rec.metrics.evaluate_rankings` can score the
-LLM exactly like the baselines. Everything a caller used to rebuild by hand lives here once:
-prompts (the training templates), the catalog trie (`ItemTrie.from_catalog`, so trie leaves map
-back to item ids in catalog order, duplicate titles included), batching on the mesh and the
-mapping from decoded leaves or titles back to ids.
+LLM exactly like the baselines. Prompts, the catalog trie and reading answers back to item ids
+are `recllm_jax.rollout.ItemRollout`'s, the rollout path GRPO trains with; this module adds
+batching on the mesh and the ranking of each example's G completions. Items are written by the
+run's item codec (`recllm_jax.data.items`: titles or semantic IDs).
 
 Modes:
 
@@ -30,8 +30,7 @@ a geometric length bucket, and the history width of ``exclude_history`` is bucke
 from __future__ import annotations
 
 import collections
-import dataclasses
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -39,43 +38,16 @@ import numpy as np
 
 from recllm_jax import buckets
 from recllm_jax import constraints as cons
-from recllm_jax import decoding
 from recllm_jax import sharding
+from recllm_jax.rollout import (MODES, ItemRollout, collate_prompts, history_rows,
+                                mode_prompt_config, render_prompt)
+
+prompt_ids = render_prompt  # (example, catalog or codec, tokenizer, prompt_cfg, mode) -> (text, ids)
 
 __all__ = ["MODES", "DEFAULT_SAMPLE_TOKENS", "batch_rows", "history_rows", "mode_prompt_config",
            "prompt_ids", "rank_by_votes", "recommend"]
 
-MODES = ("beam", "cot_constrained", "sample")
 DEFAULT_SAMPLE_TOKENS = 256  # max_new_tokens of the sampling modes when not given
-# Narrowest history bucket: histories are short next to prompts, so start below buckets' 64.
-_MIN_HISTORY_WIDTH = 16
-
-
-def mode_prompt_config(prompt_cfg: Any, mode: str) -> Any:
-  """The `PromptConfig` `mode` renders prompts with: beams are bare titles, so ``beam`` uses
-  direct prompts; ``cot_constrained`` needs the `cot` format its trigger ("<answer>") lives in."""
-  if mode not in MODES:
-    raise ValueError(f"mode={mode!r}; expected one of {MODES}")
-  if mode == "beam":
-    return dataclasses.replace(prompt_cfg, target_format="direct")
-  if mode == "cot_constrained" and prompt_cfg.target_format != "cot":
-    raise ValueError("mode='cot_constrained' answers inside <answer></answer>: it needs "
-                     f"data.prompt.target_format='cot', got {prompt_cfg.target_format!r}")
-  return prompt_cfg
-
-
-def prompt_ids(example: Any, catalog: Any, tokenizer: Any, prompt_cfg: Any,
-               mode: str) -> tuple[str, list[int]]:
-  """(text, token ids) of one example's prompt in `mode`; ``beam`` prompts end with the direct
-  answer prefix so that the first generated token starts a title."""
-  from recllm_jax.data.prompts import build_prompt, direct_answer_prefix, prompt_opens_think
-  from recllm_jax.data.tokenizer import encode_prompt
-
-  cfg = mode_prompt_config(prompt_cfg, mode)
-  text = build_prompt(example, catalog, tokenizer, cfg)
-  if mode == "beam":
-    text += direct_answer_prefix(prompt_opens_think(text))
-  return text, encode_prompt(tokenizer, text)
 
 
 def batch_rows(count: int, batch_size: int, multiple: int) -> Iterator[list[int]]:
@@ -85,18 +57,6 @@ def batch_rows(count: int, batch_size: int, multiple: int) -> Iterator[list[int]
   for start in range(0, count, size):
     rows = list(range(start, min(start + size, count)))
     yield rows + [rows[-1]] * (size - len(rows))
-
-
-def history_rows(examples: Sequence[Any], index_of: Mapping[str, int]) -> np.ndarray:
-  """[B, H] catalog indices of each history (-1 padded); H is bucketed (powers of two from 16)
-  so that varying history lengths share one compiled decoder."""
-  longest = max((len(ex.history) for ex in examples), default=0)
-  width = buckets.geometric_bucket(max(longest, 1), minimum=_MIN_HISTORY_WIDTH)
-  rows = np.full((len(examples), width), -1, np.int32)
-  for r, ex in enumerate(examples):
-    known = [index_of[i] for i in ex.history if i in index_of]
-    rows[r, :len(known)] = known
-  return rows
 
 
 def rank_by_votes(votes: Sequence[tuple[Sequence[tuple[str | None, str]], float]],
@@ -120,13 +80,6 @@ def rank_by_votes(votes: Sequence[tuple[Sequence[tuple[str | None, str]], float]
   return [ids[key] for key in order[:k]]
 
 
-def _collate(prompts: Sequence[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
-  from recllm_jax.train.grpo import collate_prompts  # the training rollouts' left padding
-
-  batch = collate_prompts(list(enumerate(prompts)), pad)
-  return batch["input_ids"], batch["attention_mask"]
-
-
 def recommend(model: Any, tokenizer: Any, examples: Sequence[Any], catalog: Any, prompt_cfg: Any,
               *, k: int, mode: str = "beam", batch_size: int = 32, num_samples: int | None = None,
               max_new_tokens: int | None = None, temperature: float = 1.0, top_k: int = 0,
@@ -141,21 +94,23 @@ def recommend(model: Any, tokenizer: Any, examples: Sequence[Any], catalog: Any,
   Args:
     model, tokenizer: e.g. from `recllm_jax.load_checkpoint(workdir)`.
     examples: `recllm_jax.data.Example`s (only histories and profiles are read).
-    catalog: the `recllm_jax.data.Catalog` to recommend from (the model's training catalog).
+    catalog: the items to recommend from, as the model was trained on them: an `ItemCodec`
+      (`recllm_jax.data.items.make_codec(config.data.item_format, ...)`), or a `Catalog` for
+      titles.
     prompt_cfg: the `PromptConfig` the model was trained with (`config.data.prompt`).
     k: list length. ``beam`` runs k beams; items sharing a title are listed together (catalog
       order), so the list holds k distinct ids whenever the catalog has them.
     mode: ``beam`` | ``cot_constrained`` | ``sample``.
     batch_size: prompts per decoder call, rounded up to a multiple of the mesh's batch devices.
     num_samples: G samples per prompt in the sampling modes (default k).
-    max_new_tokens: default: the longest title + EOS for ``beam``, `DEFAULT_SAMPLE_TOKENS` else.
+    max_new_tokens: default: the longest item + EOS for ``beam``, `DEFAULT_SAMPLE_TOKENS` else.
     temperature, top_k, top_p: sampling settings of the sampling modes.
-    answer_items: titles per constrained answer (``cot_constrained``).
+    answer_items: items per constrained answer (``cot_constrained``).
     exclude_history: never recommend an item of the example's history (constrained modes).
       Off by default, as in the published Amazon protocol (re-purchases count).
     length_penalty: beam ranking by score / length**length_penalty.
     rng: PRNG key or seed of the sampling modes.
-    trie, grounder: reuse a built `ItemTrie.from_catalog(catalog, ...)` / `rec.Grounder`.
+    trie, grounder: reuse a built `ItemTrie.from_codec(codec, ...)` / `rec.Grounder`.
     mesh: defaults to `sharding.make_mesh()` (all devices on the batch).
     progress: show a tqdm bar over examples.
     cf_prior: ``beam`` only: examples -> [N, num_items] log-probs over the catalog (catalog
@@ -163,7 +118,7 @@ def recommend(model: Any, tokenizer: Any, examples: Sequence[Any], catalog: Any,
     cf_weight: weight of the CF log-prior in the beam score (>= 0; 0 = the LLM alone).
 
   Returns:
-    One list per example of at most k ids; only ``sample`` mode yields None (ungrounded titles).
+    One list per example of at most k ids; only ``sample`` mode yields None (ungrounded answers).
   """
   if k < 1:
     raise ValueError(f"k must be >= 1, got {k}")
@@ -173,28 +128,13 @@ def recommend(model: Any, tokenizer: Any, examples: Sequence[Any], catalog: Any,
                      f"{mode!r}")
   if not examples:
     return []
-  from recllm_jax.data.items import as_codec
-  codec = as_codec(catalog)
-  catalog = codec.catalog
   mesh = mesh or sharding.make_mesh()
-  constrained = mode != "sample"
-  if constrained and trie is None:
-    trie = cons.ItemTrie.from_codec(codec, tokenizer, vocab_size=model.cfg.vocab_size)
-  if constrained and trie.item_ids != tuple(item.item_id for item in catalog):
-    raise ValueError("trie does not match catalog: build it with ItemTrie.from_catalog(catalog)")
-  if mode == "sample" and grounder is None:
-    from recllm_jax.rec import Grounder
-    grounder = Grounder(codec)
+  rollout = ItemRollout(catalog, tokenizer, prompt_cfg, mode, vocab_size=model.cfg.vocab_size,
+                        grounder=grounder, answer_items=answer_items, trie=trie)
   if max_new_tokens is None:
-    max_new_tokens = (max(map(len, trie.leaf_sequences)) + 1 if mode == "beam"
-                      else DEFAULT_SAMPLE_TOKENS)
-  g = num_samples or k
+    max_new_tokens = rollout.default_max_new_tokens(DEFAULT_SAMPLE_TOKENS)
+  g = k if mode == "beam" else (num_samples or k)
   key = jax.random.key(rng) if isinstance(rng, int) else rng
-  eos = tokenizer.eos_token_id
-  pad = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
-  index_of = {item.item_id: i for i, item in enumerate(catalog)}
-  enc = lambda s: tuple(tokenizer.encode(s, add_special_tokens=False))
-  delimiter = enc(prompt_cfg.item_delimiter)
 
   from tqdm.auto import tqdm
 
@@ -204,63 +144,27 @@ def recommend(model: Any, tokenizer: Any, examples: Sequence[Any], catalog: Any,
     for b, rows in enumerate(batch_rows(len(examples), batch_size,
                                         sharding.batch_axis_size(mesh))):
       batch = [examples[i] for i in rows]
-      texts, prompts = zip(*(prompt_ids(ex, codec, tokenizer, prompt_cfg, mode) for ex in batch))
-      ids, mask = _collate(prompts, pad)
-      history = history_rows(batch, index_of) if exclude_history else None
+      texts, prompts = zip(*(rollout.prompt(ex) for ex in batch))
+      padded = collate_prompts(list(enumerate(prompts)), rollout.pad)
       keep = len(set(rows))  # the padded tail repeats the last example
-      if mode == "beam":
-        constraint = cons.CatalogConstraint(trie, eos_token_id=eos, num_items=1, history=history)
-        prior = None if cf_prior is None else trie.leaf_log_prior(cf_prior(batch))  # [B, L]
-        out = decoding.beam_search(model, ids, mask, constraint=constraint, num_beams=k,
-                                   num_return=k, max_new_tokens=max_new_tokens,
-                                   length_penalty=length_penalty, eos_token_id=eos,
-                                   pad_token_id=pad, prior=prior, prior_weight=cf_weight)
-        leaves = np.asarray(out.items)[:keep]  # [B, k]
-        valid = np.isfinite(np.asarray(out.scores))[:keep]  # [B, k]
-        for row_leaves, row_valid in zip(leaves, valid):
-          ranked = [i for leaf, ok in zip(row_leaves, row_valid) if ok and leaf >= 0
-                    for i in trie.catalog_ids(int(leaf))]
-          results.append(ranked[:k])
-      else:
-        kwargs: dict[str, Any] = {}
-        if mode == "cot_constrained":
-          from recllm_jax.data.prompts import ANSWER_CLOSE, ANSWER_OPEN
-          d = prompt_cfg.item_delimiter
-          kwargs = {"constraint": cons.CatalogConstraint(
-              trie, eos_token_id=eos, num_items=answer_items, delimiter=delimiter,
-              history=history),
-              "constraint_trigger": enc(ANSWER_OPEN + d), "constraint_close": enc(d + ANSWER_CLOSE)}
-        out = decoding.generate(model, ids, mask, max_new_tokens=max_new_tokens,
-                                rng=jax.random.fold_in(key, b), temperature=temperature,
-                                top_k=top_k, top_p=top_p, eos_token_id=eos, pad_token_id=pad,
-                                num_samples=g, **kwargs)
-        logprobs = np.asarray(out.logprobs)  # [B*G, M]
-        if mode == "cot_constrained":
-          # Rank ties by the answer's log-prob: the reasoning text differs between samples.
-          scores = np.where(np.asarray(out.constrained), logprobs, 0.0).sum(-1)  # [B*G]
-          answers = [[(i, codec.text(i)) for leaf in row if leaf >= 0
-                      for i in trie.catalog_ids(int(leaf))] for row in np.asarray(out.items)]
-        else:
-          scores = logprobs.sum(-1)  # [B*G]
-          answers = _grounded_answers(np.asarray(out.tokens), np.asarray(out.lengths), texts,
-                                      g, tokenizer, prompt_cfg, grounder)
-        for p in range(keep):
-          votes = [(answers[p * g + s], float(scores[p * g + s])) for s in range(g)]
+      prior = (None if cf_prior is None
+               else rollout.trie.leaf_log_prior(cf_prior(batch)))  # [B, L]
+      out = rollout.run(model, padded["input_ids"], padded["attention_mask"], num_samples=g,
+                        max_new_tokens=max_new_tokens, rng=jax.random.fold_in(key, b),
+                        temperature=temperature, top_k=top_k, top_p=top_p,
+                        history=rollout.history_rows(batch) if exclude_history else None,
+                        prompts=texts, prior=prior, prior_weight=cf_weight,
+                        length_penalty=length_penalty)
+      for p in range(keep):
+        group = range(p * g, (p + 1) * g)
+        if mode == "beam":  # beams are distinct items, best first
+          results.append([i for r in group for i in out.items[r]][:k])
+        else:  # ungrounded answers (None) compete as their own entries, one per answer text
+          votes = [(list(zip(out.items[r], out.parsed[r].titles if mode == "sample"
+                             else [""] * len(out.items[r]))), float(out.scores[r]))
+                   for r in group]
           results.append(rank_by_votes(votes, k))
       bar.update(keep)
   bar.close()
   return results
 
-
-def _grounded_answers(tokens: np.ndarray, lengths: np.ndarray, prompts: Sequence[str], g: int,
-                      tokenizer: Any, prompt_cfg: Any, grounder: Any
-                      ) -> list[list[tuple[str | None, str]]]:
-  """Per sample row: its parsed titles grounded to ids (an unparsable completion answers none)."""
-  from recllm_jax.data.prompts import parse_completion, prompt_opens_think
-
-  out = []
-  for row, (seq, length) in enumerate(zip(tokens, lengths)):
-    text = tokenizer.decode(seq[:length], skip_special_tokens=False)
-    parsed = parse_completion(text, prompt_cfg, think_open=prompt_opens_think(prompts[row // g]))
-    out.append([(grounder.ground_one(t)[0], t) for t in parsed.titles])
-  return out

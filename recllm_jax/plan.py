@@ -41,14 +41,17 @@ from flax import nnx
 from jax.sharding import AbstractMesh, NamedSharding
 
 from recllm_jax import buckets, sharding
-from recllm_jax.errors import ConfigError
-from recllm_jax.models import PRESETS, Qwen2ForCausalLM
+from recllm_jax.errors import ConfigError, UserError
+from recllm_jax.models import PRESETS, Qwen2ForCausalLM, vocab_size_for
 from recllm_jax.models.config import Qwen2Config
 from recllm_jax.models.qwen2 import CACHE_AXES, KVCache
 from recllm_jax.train import build, optim
 
 GiB = 2**30
 HF_PRESET = "deepseek-r1-distill-qwen-1.5b"  # the architecture of `model.preset='hf'` w/o weights
+# Tokens of DeepSeek-R1-Distill-Qwen's tokenizer (151643 BPE + 22 added); its checkpoint has
+# 151936 embedding rows, so up to 271 added tokens fit without growing it.
+R1_TOKENIZER_SIZE = 151665
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +86,39 @@ DEFAULT_MARGIN = 0.1
 # --- the model --------------------------------------------------------------------------------
 
 
-def model_config_for(config: ml_collections.ConfigDict) -> tuple[Qwen2Config, str]:
+def _tokenizer_size(path: str | Path) -> int | None:
+  """`len()` of the tokenizer `build.load_tokenizer` would load from `path`, None if unreadable."""
+  key = str(path)
+  if key not in _TOKENIZER_SIZES:
+    try:
+      import transformers
+      _TOKENIZER_SIZES[key] = len(transformers.AutoTokenizer.from_pretrained(key))
+    except Exception:  # noqa: BLE001  (not a tokenizer directory: plan without it)
+      _TOKENIZER_SIZES[key] = None
+  return _TOKENIZER_SIZES[key]
+
+
+_TOKENIZER_SIZES: dict[str, int | None] = {}
+
+
+def _grown(cfg: Qwen2Config, tokenizer_dir: str | Path | None, new_tokens: int,
+           known_size: int | None = None) -> tuple[Qwen2Config, str]:
+  """An HF architecture with the rows `build.build_model` grows it to for its tokenizer plus
+  `new_tokens` added ones (`models.vocab_size_for`), and a note saying so."""
+  base = known_size if known_size is not None else (
+      _tokenizer_size(tokenizer_dir) if tokenizer_dir else None)
+  assumed = base is None
+  if assumed:  # no tokenizer to count: assume the checkpoint uses every row it has
+    base = cfg.vocab_size
+  rows = vocab_size_for(cfg.vocab_size, base + new_tokens)
+  if rows == cfg.vocab_size:
+    return cfg, ""
+  how = (f"{cfg.vocab_size} rows assumed used" if assumed else f"{base} tokens")
+  return cfg.replace(vocab_size=rows), f", vocab grown for {how} + {new_tokens} added"
+
+
+def model_config_for(config: ml_collections.ConfigDict,
+                     new_tokens: int = 0) -> tuple[Qwen2Config, str]:
   """(architecture of the run with its dtypes and remat, where the architecture came from).
 
   Like `build.build_model`, but from config files only: `init_from` (an HF directory's
@@ -92,31 +127,50 @@ def model_config_for(config: ml_collections.ConfigDict) -> tuple[Qwen2Config, st
   DeepSeek-R1-Distill-Qwen-1.5B architecture (its `models.PRESETS` entry), so no download is
   needed. A random-init preset gets `model.tokenizer_vocab_size` tokens (the size of the BPE a
   run would train; a `model.tokenizer_path` tokenizer may differ).
+
+  `new_tokens` added tokens (e.g. `len(ItemCodec.new_tokens())`) are counted like the run
+  counts them: on top of the BPE's size for a random init; for pretrained weights on top of
+  their tokenizer (`model.tokenizer_path` or the HF directory's, else R1's 151665 tokens), and
+  the embedding then grows as `build_model` grows it (only past the checkpoint's spare rows, to a
+  multiple of 64). A trained workdir's checkpoint already holds its rows: they are read from it.
   """
   m = config.model
   numerics = {"param_dtype": m.param_dtype, "dtype": m.dtype, "remat": bool(m.remat)}
   init_from = config.get("init_from") or ""
+  tokenizer_path = m.get("tokenizer_path") or ""
   if init_from:
     path = Path(init_from.partition("@")[0])
     if (path / "config.json").is_file() and (path / "checkpoints").is_dir():
       saved = build.read_run_config(path)
       cfg, source = model_config_for(ml_collections.ConfigDict(
-          {**saved.to_dict(), "model": {**saved.model.to_dict(), **numerics}}))
+          {**saved.to_dict(), "model": {**saved.model.to_dict(), **numerics}}), new_tokens)
+      try:
+        rows = build.saved_vocab_size(path, int(init_from.partition("@")[2] or 0) or None)
+      except (OSError, ValueError, KeyError, UserError):
+        rows = cfg.vocab_size  # no readable checkpoint yet: as its root would build it
+      if rows != cfg.vocab_size:
+        cfg, source = cfg.replace(vocab_size=rows), f"{source}, vocab {rows} from its checkpoint"
       return cfg, f"init_from={init_from} <- {source}"
     if (path / "config.json").is_file():
-      return Qwen2Config.from_pretrained(path, **numerics), f"init_from={init_from}"
+      cfg, grown = _grown(Qwen2Config.from_pretrained(path, **numerics), path, new_tokens)
+      return cfg, f"init_from={init_from}{grown}"
   note = f"init_from={init_from!r} not found; " if init_from else ""
   if build.uses_pretrained(m):
     if m.hf_path and (Path(m.hf_path) / "config.json").is_file():
-      return Qwen2Config.from_pretrained(m.hf_path, **numerics), f"{note}model.hf_path"
-    return (PRESETS[HF_PRESET](**numerics),
-            f"{note}model.preset='hf' without weights: the {HF_PRESET} preset")
+      cfg, grown = _grown(Qwen2Config.from_pretrained(m.hf_path, **numerics),
+                          tokenizer_path or m.hf_path, new_tokens)
+      return cfg, f"{note}model.hf_path{grown}"
+    cfg, grown = _grown(PRESETS[HF_PRESET](**numerics), tokenizer_path, new_tokens,
+                        None if tokenizer_path else R1_TOKENIZER_SIZE)
+    return cfg, f"{note}model.preset='hf' without weights: the {HF_PRESET} preset{grown}"
   if m.preset not in PRESETS:
     raise ConfigError(f"model.preset={m.preset!r} is unknown; expected 'hf' or one of "
                       f"{sorted(PRESETS)}")
   overrides = {k: m[k] for k in build.ARCH_OVERRIDES if m.get(k)}
-  return (PRESETS[m.preset](vocab_size=m.tokenizer_vocab_size, **overrides, **numerics),
-          f"{note}model.preset={m.preset!r}, vocab model.tokenizer_vocab_size")
+  added = f" + {new_tokens} added tokens" if new_tokens else ""
+  return (PRESETS[m.preset](vocab_size=m.tokenizer_vocab_size + new_tokens, **overrides,
+                            **numerics),
+          f"{note}model.preset={m.preset!r}, vocab model.tokenizer_vocab_size{added}")
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> Any:
@@ -313,19 +367,21 @@ class MemoryPlan:
 
 def plan(config: ml_collections.ConfigDict, num_devices: int, *,
          model_cfg: Qwen2Config | None = None, mesh_shape: tuple[int, int, int] | None = None,
-         grad_accum_steps: int | None = None, remat: bool | None = None) -> MemoryPlan:
+         grad_accum_steps: int | None = None, remat: bool | None = None,
+         new_tokens: int = 0) -> MemoryPlan:
   """The memory plan of `config` on `num_devices` devices.
 
   The mesh is `config.mesh` (a -1 axis takes the remaining devices) unless `mesh_shape` is
   given; `grad_accum_steps` and `remat` override `train.grad_accum_steps` / `model.remat`, and
-  `model_cfg` the architecture (default: `model_config_for(config)`). Raises ConfigError when
+  `model_cfg` the architecture (default: `model_config_for(config, new_tokens)`, which grows the
+  vocabulary for `new_tokens` added tokens as the run would). Raises ConfigError when
   the rows do not split over the batch devices and micro-batches, as the trainer would.
   """
   from recllm_jax.train import checks
 
   source = "given"
   if model_cfg is None:
-    model_cfg, source = model_config_for(config)
+    model_cfg, source = model_config_for(config, new_tokens)
   remat = model_cfg.remat if remat is None else remat
   model_cfg = model_cfg.replace(remat=remat)
   shape = mesh_shape or sharding.mesh_shape(config.mesh.data, config.mesh.fsdp,
@@ -382,14 +438,14 @@ def _divisors(n: int) -> Iterator[int]:
 
 def suggest(config: ml_collections.ConfigDict, device: Device, *,
             num_devices: int | None = None, max_devices: int = 1024,
-            margin: float = DEFAULT_MARGIN) -> MemoryPlan | None:
+            margin: float = DEFAULT_MARGIN, new_tokens: int = 0) -> MemoryPlan | None:
   """The smallest setup of `config` that fits `device`: fewest devices (fsdp = all of them,
   data = tensor = 1; or exactly `num_devices`), then the fewest micro-batches
   (`train.grad_accum_steps`), with `model.remat` as configured and, failing that, remat on.
-  None when nothing up to `max_devices` fits."""
+  None when nothing up to `max_devices` fits. `new_tokens`: as in `model_config_for`."""
   from recllm_jax.train import checks
 
-  model_cfg, _ = model_config_for(config)
+  model_cfg, _ = model_config_for(config, new_tokens)
   rows = checks.batch_rows(config)[1]
   counts = [num_devices] if num_devices else [n for n in (2**i for i in range(11))
                                               if n <= min(rows, max_devices)]
@@ -471,7 +527,8 @@ def format_suggestion(s: MemoryPlan | None, device: Device, scope: str) -> str:
           f"{s.remat}: peak {s.peak / GiB:.1f} GiB of {device.hbm_bytes / GiB:.1f}")
 
 
-__all__ = ["DEFAULT_MARGIN", "DEVICES", "Device", "GiB", "HF_PRESET", "MemoryPlan", "abstract_mesh", "abstract_params",
+__all__ = ["DEFAULT_MARGIN", "DEVICES", "Device", "GiB", "HF_PRESET", "MemoryPlan",
+           "R1_TOKENIZER_SIZE", "abstract_mesh", "abstract_params",
            "abstract_train_state",
            "activation_bytes", "format_plan", "format_suggestion", "kv_cache_bytes",
            "layer_activation_bytes", "lm_head_bytes", "make_optimizer", "model_config_for",

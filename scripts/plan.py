@@ -5,7 +5,8 @@ Nothing is allocated and no weights are needed (`recllm_jax.plan`: `jax.eval_sha
 model, optimizer and KV cache, plus documented activation estimates), so a TPU pod or GPU host
 can be planned from a laptop. `model.preset='hf'` without a downloaded `model.hf_path` plans the
 DeepSeek-R1-Distill-Qwen-1.5B architecture. The mesh is `config.mesh` over `--num_devices`
-(default: the devices of this machine), a -1 axis taking the rest.
+(default: the devices of this machine), a -1 axis taking the rest. `--new_tokens N` counts N
+tokens the run adds to its tokenizer (item codes), growing the vocabulary as training would.
 
 Prints the per-device table against `--device`'s memory, then two suggestions: the fewest
 micro-batches (`train.grad_accum_steps`, then remat) that fit on `--num_devices`, and the
@@ -30,6 +31,9 @@ DEVICE_NAMES = ("h100-80gb", "h200", "tpu-v5e", "tpu-v5p", "tpu-v6e")  # plan.DE
 _DEVICE = flags.DEFINE_enum("device", "h100-80gb", list(DEVICE_NAMES), "Accelerator to plan for.")
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", 0, "Devices of the planned mesh (0 = this "
                                     "machine's jax.device_count()).")
+_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 0, "Tokens the run adds to its tokenizer (e.g. "
+                                   "semantic-ID item codes): counted in the vocabulary, which "
+                                   "grows past a pretrained checkpoint's rows as training grows it.")
 _MARGIN = flags.DEFINE_float("margin", 0.1, "Share of device memory left free for what the "
                              "plan does not model (XLA temporaries).")
 
@@ -45,11 +49,13 @@ def main(argv: list[str]) -> None:
   num_devices = _NUM_DEVICES.value or jax.device_count()
   margin = _MARGIN.value
   try:
-    p = plan.plan(config, num_devices)
+    new_tokens = _NEW_TOKENS.value
+    p = plan.plan(config, num_devices, new_tokens=new_tokens)
     print(plan.format_plan(p, device, margin))
-    here = plan.suggest(config, device, num_devices=num_devices, margin=margin)
+    here = plan.suggest(config, device, num_devices=num_devices, margin=margin,
+                        new_tokens=new_tokens)
     print(plan.format_suggestion(here, device, f"on {num_devices} device{'s' * (num_devices > 1)}"))
-    smallest = plan.suggest(config, device, margin=margin)
+    smallest = plan.suggest(config, device, margin=margin, new_tokens=new_tokens)
     print(plan.format_suggestion(smallest, device, "smallest FSDP mesh"))
   except UserError as e:
     fail(f"{type(e).__name__}: {e}")

@@ -123,7 +123,9 @@ def parse_sid(text: str) -> tuple[int, ...]:
         f"at {rest[:20]!r} (codes are decimal without leading zeros)"
       )
     letter, code = match.group(1), match.group(2)
-    expected = _LETTERS[len(codes)] if len(codes) < _MAX_LEVELS else None
+    if len(codes) == _MAX_LEVELS:
+      raise ValueError(f"malformed SID {text!r}: more than {_MAX_LEVELS} levels (a..z)")
+    expected = _LETTERS[len(codes)]
     if letter != expected:
       raise ValueError(
         f"malformed SID {text!r}: token {len(codes) + 1} has level letter {letter!r}, "
@@ -201,8 +203,8 @@ def read_sid_file(path: str | os.PathLike[str]) -> dict[str, str]:
       continue
     fields = line.split("\t")
     if len(fields) != 2:
-      raise DataError(f"expected 'item_id<TAB>sid', got {len(fields)} tab-separated fields", path=path,
-                      line=number)
+      raise DataError(f"expected 'item_id<TAB>sid' (2 tab-separated fields), got {len(fields)}",
+                      path=path, line=number)
     item_id, sid = fields[0].strip(), fields[1].strip()
     if not item_id:
       raise DataError("empty item id", path=path, line=number)
@@ -379,27 +381,40 @@ def cooccurrence_embeddings(
 # --------------------------------------------------------------------------- RQ-KMeans
 
 
-def _sq_distances(x: np.ndarray, centers: np.ndarray) -> np.ndarray:
-  """``[N, k]`` squared distances in float32: the matmul dominates and float32 halves it."""
-  x32, c32 = x.astype(np.float32), centers.astype(np.float32)
-  d = (x32 * x32).sum(1)[:, None] - 2.0 * (x32 @ c32.T) + (c32 * c32).sum(1)[None, :]
-  return np.maximum(d, 0.0)
+def _sq_distances(x32: np.ndarray, x_sq: np.ndarray, centers: np.ndarray) -> np.ndarray:
+  """``[N, k]`` squared distances in float32, computed in place (the matmul dominates).
+
+  ``x32``/``x_sq`` are the points in float32 and their squared norms,
+  computed once per level rather than once per iteration.
+  """
+  c32 = centers.astype(np.float32)
+  d = x32 @ c32.T
+  d *= -2.0
+  d += (c32 * c32).sum(1)[None, :]
+  d += x_sq[:, None]
+  return np.maximum(d, 0.0, out=d)
 
 
 def _kmeans_pp(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
   """k-means++ seeding: each next centre drawn with probability proportional to squared distance."""
   n = x.shape[0]
+  x_sq = np.einsum("ij,ij->i", x, x)
+
+  def sq_to(idx: int) -> np.ndarray:
+    # |x - c|^2 via norms and one mat-vec: k passes over [N, dim] otherwise dominate.
+    return np.maximum(x_sq - 2.0 * (x @ x[idx]) + x_sq[idx], 0.0)
+
   chosen = [int(rng.integers(n))]
-  closest = ((x - x[chosen[0]]) ** 2).sum(1)
+  closest = sq_to(chosen[0])
   for _ in range(1, k):
-    total = closest.sum()
+    cumulative = np.cumsum(closest)
+    total = cumulative[-1]
     if total <= 0:  # every point sits on a centre already (duplicates): any point will do
       idx = int(rng.integers(n))
     else:
-      idx = int(np.searchsorted(np.cumsum(closest), rng.random() * total, side="right"))
-      idx = min(idx, n - 1)
+      idx = min(int(np.searchsorted(cumulative, rng.random() * total, side="right")), n - 1)
     chosen.append(idx)
-    closest = np.minimum(closest, ((x - x[idx]) ** 2).sum(1))
+    np.minimum(closest, sq_to(idx), out=closest)
   return x[chosen].copy()
 
 
@@ -439,9 +454,11 @@ def _kmeans(
   n = x.shape[0]
   capacity = -(-n // k)
   centers = _kmeans_pp(x, k, rng)
+  x32 = x.astype(np.float32)
+  x_sq = np.einsum("ij,ij->i", x32, x32)
   labels = np.full(n, -1, dtype=np.int64)
   for _ in range(iters):
-    dist = _sq_distances(x, centers)
+    dist = _sq_distances(x32, x_sq, centers)
     new = _balanced_assign(dist, capacity) if balanced else dist.argmin(axis=1)
     if np.array_equal(new, labels):
       break

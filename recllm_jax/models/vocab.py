@@ -3,7 +3,7 @@
 A pretrained checkpoint has one embedding row (and one LM-head column when untied) per token
 id. Tokens added to its tokenizer after pretraining need rows of their own; `grow_vocab` appends
 them, leaving every existing row bit-identical, so the grown model's logits for the old tokens
-are exactly the old model's.
+are the old model's (up to float rounding: XLA may tile a wider [D, V] matmul differently).
 
 Initialisation of the new rows (embedding and, when untied, LM head), per weight W of V rows:
 

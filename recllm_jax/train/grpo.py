@@ -46,9 +46,9 @@ import ml_collections
 import numpy as np
 
 from recllm_jax import buckets
-from recllm_jax import constraints as cons
-from recllm_jax import decoding, distributed, paths
-from recllm_jax.sharding import host_array
+from recllm_jax import distributed, paths
+from recllm_jax.rollout import (ItemRollout, RolloutBatch, collate_prompts, normalize_mode,
+                                render_prompt)
 from recllm_jax.data import pipeline
 from recllm_jax.errors import ConfigError
 from recllm_jax.train import advantages as adv_lib
@@ -62,39 +62,11 @@ log = logging.getLogger(__name__)
 ROLLOUTS = ("cot", "cot_constrained", "beam")
 
 
-# --- prompts -----------------------------------------------------------------------------------
-
-
-def collate_prompts(rows: Sequence[tuple[int, Sequence[int]]], pad_id: int) -> pipeline.Batch:
-  """(example index, prompt ids) rows -> prompts left-padded to the decoder's prefill bucket.
-
-  Left padding puts every prompt's last token in the same column, where decoding starts; the
-  bucket is the one `generate` pads to anyway (`buckets.geometric_bucket`), so few programs.
-  """
-  length = buckets.geometric_bucket(max(len(ids) for _, ids in rows))
-  ids = np.full((len(rows), length), pad_id, np.int32)
-  mask = np.zeros((len(rows), length), np.int32)
-  for r, (_, prompt) in enumerate(rows):
-    ids[r, length - len(prompt):] = prompt
-    mask[r, length - len(prompt):] = 1
-  return {"input_ids": ids, "attention_mask": mask,
-          "example_index": np.asarray([i for i, _ in rows], np.int32)}
-
-
 # --- rollouts -> training rows -----------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class Rollout:
-  """G completions per prompt, host numpy; row p * G + g is sample g of prompt p.
-
-  tokens: [N, M] completion tokens (pad after the end). lengths: [N] tokens incl. the EOS.
-  truncated: [N] the completion hit max_new_tokens without an EOS.
-  """
-
-  tokens: np.ndarray
-  lengths: np.ndarray
-  truncated: np.ndarray
+# G completions per prompt (host numpy); what `training_rows` and the rewards read.
+Rollout = RolloutBatch
 
 
 def training_rows(prompt_ids: np.ndarray, prompt_mask: np.ndarray, rollout: Rollout,
@@ -190,6 +162,7 @@ class GrpoTask:
     gc = self.gc = config.grpo
     if gc.rollout not in ROLLOUTS:
       raise ConfigError(f"grpo.rollout={gc.rollout!r}; expected one of {ROLLOUTS}")
+    self.mode = normalize_mode(gc.rollout)
     adv_lib.get_advantage_fn(gc.advantage)
     policy_loss.get_loss_aggregation(gc.loss_type)
     self.updates_per_step = int(gc.num_iterations)
@@ -197,8 +170,6 @@ class GrpoTask:
     self.tokenizer = build.load_tokenizer(config, self.workdir, self.dataset.catalog,
                                           new_tokens=self.codec.new_tokens())
     self.prompt_cfg = PromptConfig(**config.data.prompt.to_dict())
-    if gc.rollout == "beam":  # beams are bare titles: direct prompts, direct parsing
-      self.prompt_cfg = dataclasses.replace(self.prompt_cfg, target_format="direct")
     rule = None
     b = config.business
     if b.attribute or b.item_file:
@@ -212,7 +183,6 @@ class GrpoTask:
     self.reward_weights = dict(config.rewards.to_dict())
     self.reward_paths = dict(config.reward_fns.to_dict())
     self._prompt_cache: dict[tuple[str, int], tuple[str, list[int]]] = {}
-    self._trie = None
     if jax.process_index() == 0:
       self._write_prompts(self.workdir / TRAIN_EXAMPLES_FILE)
 
@@ -223,13 +193,8 @@ class GrpoTask:
     prefix, so that beams start at the first title)."""
     key = (split, index)
     if key not in self._prompt_cache:
-      from recllm_jax.data.prompts import build_prompt, direct_answer_prefix, prompt_opens_think
-      from recllm_jax.data.tokenizer import encode_prompt
-      example = self.dataset.split(split)[index]
-      text = build_prompt(example, self.codec, self.tokenizer, self.prompt_cfg)
-      if self.gc.rollout == "beam":
-        text += direct_answer_prefix(prompt_opens_think(text))
-      self._prompt_cache[key] = (text, encode_prompt(self.tokenizer, text))
+      self._prompt_cache[key] = render_prompt(self.dataset.split(split)[index], self.codec,
+                                              self.tokenizer, self.prompt_cfg, self.mode)
     return self._prompt_cache[key]
 
   def _write_prompts(self, path: Path, count: int = 8) -> None:
@@ -269,6 +234,10 @@ class GrpoTask:
 
     gc, tc = self.gc, self.config.train
     self.run = run
+    # The rollout path `recllm_jax.inference.recommend` serves users with.
+    self.rollout_engine = ItemRollout(self.codec, self.tokenizer, self.prompt_cfg, self.mode,
+                                      vocab_size=run.vocab_size, grounder=self.grounder,
+                                      answer_items=gc.answer_items)
     chunk = tc.logits_chunk_size
     loss_fn = functools.partial(grpo_loss_fn, gc=gc, logits_chunk_size=chunk)
     self.update = optim.make_train_step(run.graphdef, run.optimizer, loss_fn, run.schedule,
@@ -285,75 +254,30 @@ class GrpoTask:
 
   # -- one step -------------------------------------------------------------------------------
 
-  def _constraint(self, num_items: int, history: np.ndarray | None):
-    if self._trie is None:
-      self._trie = cons.ItemTrie.from_codec(self.codec, self.tokenizer,
-                                            vocab_size=self.run.vocab_size)
-    delim = self.tokenizer.encode(self.prompt_cfg.item_delimiter, add_special_tokens=False)
-    return cons.CatalogConstraint(self._trie, eos_token_id=self.tokenizer.eos_token_id,
-                                  num_items=num_items, delimiter=tuple(delim), history=history)
-
   def rollout(self, params: Any, batch: pipeline.Batch, rng: jax.Array, *,
-              greedy: bool = False, num_generations: int | None = None) -> Rollout:
-    """G completions per prompt in `batch` under `params` (host numpy result)."""
+              split: str = "train", greedy: bool = False,
+              num_generations: int | None = None) -> RolloutBatch:
+    """G completions per prompt in `batch` under `params`, decoded and parsed (host numpy)."""
     from flax import nnx
 
     gc = self.gc
-    g = num_generations or gc.num_generations
     model = nnx.merge(self.run.graphdef, params)
-    eos, pad = self.tokenizer.eos_token_id, pipeline.pad_id(self.tokenizer)
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    m = gc.max_new_tokens
+    prompts = [self.prompt(split, int(i))[0] for i in batch["example_index"]]
     with jax.set_mesh(self.run.mesh):
-      if gc.rollout == "beam":
-        out = decoding.beam_search(model, ids, mask, constraint=self._constraint(1, None),
-                                   num_beams=g, num_return=g, max_new_tokens=m,
-                                   eos_token_id=eos, pad_token_id=pad)
-        # host_array: the outputs are sharded over every process's devices.
-        tokens = host_array(out.tokens).reshape(-1, m)
-        lengths = host_array(out.lengths).reshape(-1)
-        lengths = np.where(np.isfinite(host_array(out.scores)).reshape(-1), lengths, 0)
-      else:
-        kwargs = {}
-        if gc.rollout == "cot_constrained":
-          kwargs = self._answer_trigger()
-        out = decoding.generate(model, ids, mask, max_new_tokens=m, rng=rng,
-                                temperature=0.0 if greedy else gc.temperature,
-                                top_k=gc.top_k, top_p=gc.top_p, eos_token_id=eos,
-                                pad_token_id=pad, num_samples=g, **kwargs)
-        tokens, lengths = host_array(out.tokens), host_array(out.lengths)
-    last = tokens[np.arange(len(tokens)), np.maximum(lengths - 1, 0)]
-    truncated = (lengths >= m) & (last != eos)
-    return Rollout(tokens=tokens, lengths=lengths.astype(np.int32), truncated=truncated)
+      return self.rollout_engine.run(
+          model, batch["input_ids"], batch["attention_mask"],
+          num_samples=num_generations or gc.num_generations, max_new_tokens=gc.max_new_tokens,
+          rng=rng, greedy=greedy, temperature=gc.temperature, top_k=gc.top_k, top_p=gc.top_p,
+          prompts=prompts)
 
-  def _answer_trigger(self) -> dict[str, Any]:
-    from recllm_jax.data.prompts import ANSWER_CLOSE, ANSWER_OPEN
-    enc = lambda s: tuple(self.tokenizer.encode(s, add_special_tokens=False))
-    d = self.prompt_cfg.item_delimiter
-    return {"constraint": self._constraint(self.gc.answer_items, None),
-            "constraint_trigger": enc(ANSWER_OPEN + d), "constraint_close": enc(d + ANSWER_CLOSE)}
-
-  def score(self, split: str, indices: Sequence[int], rollout: Rollout, group_size: int,
-            group_ranks: np.ndarray | None = None):
-    """Host: decode -> parse -> ground -> composite reward. Returns (samples, total [N],
-    components {name: [N]}, reason counts)."""
-    from recllm_jax.data.prompts import parse_completion, prompt_opens_think
+  def score(self, split: str, indices: Sequence[int], rollout: RolloutBatch, group_size: int):
+    """Host: grounded answers -> composite reward (beams carry their rank for `rank_aware`).
+    Returns (samples, total [N], components {name: [N]}, reason counts)."""
     from recllm_jax.rec import build_samples, composite_rewards
 
-    eos = self.tokenizer.eos_token_id
-    texts, parsed = [], []
-    for row, (tokens, length) in enumerate(zip(rollout.tokens, rollout.lengths)):
-      tokens = tokens[:length]
-      if length and tokens[-1] == eos:
-        tokens = tokens[:-1]
-      text = self.tokenizer.decode(tokens, skip_special_tokens=False)
-      prompt = self.prompt(split, indices[row // group_size])[0]
-      texts.append(text)
-      parsed.append(parse_completion(text, self.prompt_cfg,
-                                     think_open=prompt_opens_think(prompt)))
     examples = [self.dataset.split(split)[i] for i in indices]
-    samples = build_samples(examples, texts, parsed, self.grounder, group_size=group_size,
-                            group_ranks=group_ranks)
+    samples = build_samples(examples, list(rollout.texts), list(rollout.parsed), self.grounder,
+                            group_size=group_size, group_ranks=rollout.ranks)
     total, components, reasons = composite_rewards(samples, self.reward_weights,
                                                    self.reward_ctx, self.reward_paths)
     return samples, total, components, reasons
@@ -369,10 +293,7 @@ class GrpoTask:
     rollout = self.rollout(state.params, batch, rollout_rng)
     t1 = time.perf_counter()
     indices = [int(i) for i in batch["example_index"]]
-    ranks = None
-    if gc.rollout == "beam":  # beams come best first
-      ranks = np.tile(np.arange(g), len(indices))
-    samples, total, components, reasons = self.score("train", indices, rollout, g, ranks)
+    samples, total, components, reasons = self.score("train", indices, rollout, g)
     advantages, adv_stats = adv_lib.compute_advantages(
         jnp.asarray(total, jnp.float32), g, estimator=gc.advantage)
     t2 = time.perf_counter()
@@ -468,10 +389,11 @@ class GrpoTask:
       indices = list(range(start, min(start + size, count)))
       padded = indices + [indices[-1]] * (size - len(indices))
       batch = collate_prompts([(i, self.prompt(split, i)[1]) for i in padded], pad)
-      rollout = self.rollout(state.params, batch, jax.random.key(0), greedy=True,
+      rollout = self.rollout(state.params, batch, jax.random.key(0), split=split, greedy=True,
                              num_generations=1)
       keep = len(indices)
-      rollout = Rollout(rollout.tokens[:keep], rollout.lengths[:keep], rollout.truncated[:keep])
+      rollout = RolloutBatch(**{f.name: _head(getattr(rollout, f.name), keep)
+                                for f in dataclasses.fields(rollout)})
       samples, total, components, _ = self.score(split, indices, rollout, 1)
       totals.append(total)
       valid += [s.scorable for s in samples]
@@ -481,6 +403,11 @@ class GrpoTask:
            "val_frac_valid": float(np.mean(valid))}
     out.update({f"val_reward/{k}": float(np.mean(np.concatenate(v))) for k, v in comps.items()})
     return out
+
+
+def _head(x: Any, n: int) -> Any:
+  """The first n rows of a rollout field (None stays None)."""
+  return None if x is None else x[:n]
 
 
 __all__ = ["GrpoTask", "ROLLOUTS", "Rollout", "SAMPLES_FILE", "collate_prompts", "grpo_loss_fn",
