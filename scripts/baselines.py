@@ -6,6 +6,12 @@ harness the LLM is scored with), prints a table and writes `<workdir>/baselines_
 `{"popularity": {"hr@10": ...}, "markov": {...}, "sasrec": {...}}`. The config defaults to
 `configs/baselines.py`; override keys with `--config.key=value` (see that file).
 
+It also saves the fitted CF models (popularity, Markov transition counts and, when run, the
+SASRec parameters) as `<workdir>/cf_models.json` + `cf_models.npz`
+(`recllm_jax.rec.cf_prior.save_cf_models`): `scripts/evaluate.py --cf_from <workdir>` builds its
+CF prior from them instead of fitting SASRec again (minutes on Office), and refuses them when
+they were fitted on other data or with another SASRec config.
+
 A user error (a bad flag or config value, a missing path, bad data) ends with one line
 `error: ...` on stderr and exit status 2, like scripts/train.py.
 """
@@ -40,6 +46,7 @@ def main(argv: list[str]) -> None:
   from recllm_jax.data import load_dataset
   from recllm_jax.errors import ConfigError, UserError
   from recllm_jax.rec.baselines import SASRecConfig, parse_baselines, run_baselines
+  from recllm_jax.rec.cf_prior import fit_cf_models, save_cf_models
   from recllm_jax.rec.metrics import format_table
   from recllm_jax.train.checks import expand_paths
   from recllm_jax.data.loading import data_dir
@@ -58,18 +65,25 @@ def main(argv: list[str]) -> None:
       raise ConfigError(f"ks must be positive cut-offs, got {config.ks}")
     dataset = load_dataset(data_dir(config, workdir), config.data.format,
                            on_bad_data=config.data.on_bad_data, seed=config.seed)
+    fitted: dict = {}
     results = run_baselines(dataset, split, names, ks=config.ks, sasrec=sasrec,
                             markov_backoff=config.markov.backoff,
-                            exclude_history=config.popularity.exclude_history, progress=True)
+                            exclude_history=config.popularity.exclude_history, progress=True,
+                            fitted=fitted)
   except UserError as e:
     fail(f"{type(e).__name__}: {e}")
   workdir.mkdir(parents=True, exist_ok=True)
   out = workdir / f"baselines_{split}.json"
   out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+  # The CF priors' models, for scripts/evaluate.py --cf_from (Markov counts are recounted here:
+  # well under a second, and the prior's counts, not the baseline's ranking, are what it needs).
+  models = fit_cf_models(dataset, sasrec=sasrec if "sasrec" in fitted else None,
+                         sasrec_model=fitted.get("sasrec"))
+  saved = save_cf_models(models, workdir)
   count = int(next(iter(results.values()))["num_examples"])
   print(f"\n{split}: {count} examples, {len(dataset.catalog)} catalog items, full-catalog ranking")
   print(format_table(results))
-  print(f"wrote {out} in {time.perf_counter() - start:.1f}s")
+  print(f"wrote {out}, {saved} in {time.perf_counter() - start:.1f}s")
 
 
 if __name__ == "__main__":

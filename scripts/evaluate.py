@@ -10,7 +10,12 @@ k beams), scored by `recllm_jax.rec.metrics.evaluate_rankings`, the harness of t
 
 CF-guided decoding (D3; docs/evaluation.md): `--cf_model markov|sasrec|mix --cf_weight W` fits
 that collaborative-filtering model on the training split (as scripts/baselines.py does) and
-ranks by `log p_LLM(title) + W * log p_CF(item | history)` inside the beam.
+ranks by `log p_LLM(title) + W * log p_CF(item | history)` inside the beam. `--cf_from D` builds
+that prior from the models scripts/baselines.py saved in its workdir D (cf_models.json +
+cf_models.npz) instead of fitting them again: the same prior (same data, same SASRec config and
+seed, so the same parameters), without SASRec's minutes of training. It refuses, with one line
+and exit status 2, models fitted on other data (catalog, train or valid examples differ) or with
+another SASRec config than the one fitted in place (configs/baselines.py defaults, this seed).
 
 Writes into W:
   eval_<split>.json         flat metric keys (hr@10, ndcg@10, ...), plus examples_per_s and, with
@@ -58,6 +63,8 @@ _CF_MODEL = flags.DEFINE_enum("cf_model", "none", ["none", *CF_MODELS],
                               "CF prior mixed into the beam (CF-guided decoding, beam mode only).")
 _CF_WEIGHT = flags.DEFINE_float("cf_weight", 1.0, "Weight of log p_CF in the beam score "
                                 "(with --cf_model).")
+_CF_FROM = flags.DEFINE_string("cf_from", None, "Load the CF models scripts/baselines.py saved "
+                               "in this workdir instead of fitting them (with --cf_model).")
 _CF_SMOOTHING = flags.DEFINE_float("cf_smoothing", 0.1, "Popularity share mixed into the CF "
                                    "prior so every item has mass (with --cf_model).")
 
@@ -106,6 +113,8 @@ def main(argv: list[str]) -> None:
          f"--mode={_MODE.value}")
   if cf_model and not _CF_WEIGHT.value >= 0:
     fail(f"--cf_weight={_CF_WEIGHT.value} must be >= 0")
+  if _CF_FROM.value and not cf_model:
+    fail(f"--cf_from={_CF_FROM.value} loads the models of a CF prior: it needs --cf_model")
   # Imported after flag parsing so that --help stays fast.
   from recllm_jax import sharding
   from recllm_jax.data import popularity
@@ -141,10 +150,16 @@ def main(argv: list[str]) -> None:
     cf_prior = None
     if cf_model:
       from recllm_jax.rec.baselines import SASRecConfig
-      from recllm_jax.rec.cf_prior import fit_prior
+      from recllm_jax.rec.cf_prior import fit_prior, load_cf_models, prior_from_models
       # configs/baselines.py's SASRec defaults and this config's seed (0: the baseline's).
-      cf_prior = fit_prior(cf_model, dataset, smoothing=_CF_SMOOTHING.value,
-                           sasrec=SASRecConfig(seed=config.seed), progress=True)
+      sasrec = SASRecConfig(seed=config.seed)
+      if _CF_FROM.value:
+        models = load_cf_models(Path(_CF_FROM.value).expanduser(), dataset,
+                                sasrec=sasrec if cf_model in ("sasrec", "mix") else None)
+        cf_prior = prior_from_models(cf_model, models, smoothing=_CF_SMOOTHING.value)
+      else:
+        cf_prior = fit_prior(cf_model, dataset, smoothing=_CF_SMOOTHING.value, sasrec=sasrec,
+                             progress=True)
     start = time.perf_counter()
     rankings = recommend(model, tokenizer, examples, codec, prompt_cfg, k=k, mode=mode,
                          batch_size=_BATCH_SIZE.value, num_samples=_NUM_SAMPLES.value or None,
@@ -162,7 +177,8 @@ def main(argv: list[str]) -> None:
   table = {f"llm ({mode})": metrics}
   written = []
   if cf_model:
-    metrics.update(cf_model=cf_model, cf_weight=_CF_WEIGHT.value, cf_smoothing=_CF_SMOOTHING.value)
+    metrics.update(cf_model=cf_model, cf_weight=_CF_WEIGHT.value, cf_smoothing=_CF_SMOOTHING.value,
+                   cf_from=_CF_FROM.value or "")
     table = {f"llm ({mode}) + {cf_model} x {_CF_WEIGHT.value:g}": metrics}
     # The ablation: the CF prior's own ranking, so that the LLM's contribution is visible.
     alone = evaluate_rankings(cf_prior.recommend(examples, k), examples, dataset.catalog,

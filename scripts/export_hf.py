@@ -8,6 +8,10 @@ tokenizer files, which `transformers.AutoModelForCausalLM.from_pretrained(O)` (a
 `recllm_jax.load_hf_model`) load directly. Only params are read: the optimizer state stays on
 disk, so exporting needs about the model's size in memory.
 
+A run that added tokens to its tokenizer (semantic-ID item codes) exports its grown vocabulary:
+`config.json`'s `vocab_size` is the checkpoint's row count and the tokenizer carries the added
+tokens, each still one id after the reload.
+
 A user error (a missing workdir or step, an `--out` that would overwrite a run) ends with one
 line `error: ...` on stderr and exit status 2, like scripts/train.py.
 
@@ -75,11 +79,22 @@ def tokenizer_mismatch(out: Path, tokenizer: Any) -> str | None:
     differing = sorted(set(vocab.items()) ^ set(expected.items()))[:4]
     return (f"{name} has {len(vocab)} tokens and the run's tokenizer {len(expected)} "
             f"(differing entries: {differing})")
-  for text in PROBE_TEXTS:
+  for text in (*PROBE_TEXTS, *added_token_probes(tokenizer)):
     got, want = loaded(text)["input_ids"], tokenizer(text)["input_ids"]
     if got != want:
       return f"{name} encodes {text!r} as {got}, the run's tokenizer as {want}"
   return None
+
+
+def added_token_probes(tokenizer: Any, count: int = 8) -> tuple[str, ...]:
+  """Texts with the run's added non-special tokens (e.g. item codes `<a_12>`) glued to each
+  other and to text, as prompts write them: each must stay one token after the reload."""
+  special = set(tokenizer.all_special_tokens)
+  added = sorted((i, t) for t, i in tokenizer.get_added_vocab().items() if t not in special)
+  tokens = [t for _, t in added]
+  if not tokens:
+    return ()
+  return (f"1. {''.join(tokens[:count])}\n", f"x{''.join(tokens[-count:])} y")
 
 
 def check_paths(workdir: Path, out: Path) -> None:

@@ -20,6 +20,18 @@ def _catalog(seed: int = 0, n: int = 14) -> list[tuple[int, ...]]:
   return sorted(seqs)
 
 
+def _sid_catalog(seed: int = 0, n: int = 20) -> list[tuple[int, ...]]:
+  """Semantic-ID-shaped items: one token per level from disjoint ranges (a: 4-6, b: 7-9,
+  c: 10-13), and a fourth level on a colliding pair, as `SidCodec` writes them."""
+  rng = np.random.default_rng(seed)
+  seqs = {(int(rng.integers(4, 7)), int(rng.integers(7, 10)), int(rng.integers(10, 14)))
+          for _ in range(n)}
+  shared = sorted(seqs)[0]
+  seqs.discard(shared)
+  seqs |= {shared + (14,), shared + (15,)}
+  return sorted(seqs)
+
+
 def _brute_force(hf, prompt: np.ndarray, seqs) -> np.ndarray:
   """Sum of model log-probs of `title + EOS` after the prompt, for every title."""
   scores = []
@@ -39,9 +51,10 @@ def tiny(tmp_path_factory, build_hf_model):
   return hf, load_hf_model(path)
 
 
-def test_constrained_beams_are_the_exact_top_k(tiny):
+@pytest.mark.parametrize("make_catalog", [_catalog, _sid_catalog], ids=["titles", "sids"])
+def test_constrained_beams_are_the_exact_top_k(tiny, make_catalog):
   hf, model = tiny
-  seqs = _catalog()
+  seqs = make_catalog()
   trie = cons.ItemTrie(seqs, VOCAB)
   constraint = cons.CatalogConstraint(trie, eos_token_id=EOS)
   prompts = [np.array([11, 12, 13, 14, 15]), np.array([20, 21, 22])]

@@ -15,25 +15,47 @@ fits them) into such distributions:
 Popularity is add-one smoothed target counts, and every distribution is
 ``(1 - smoothing) * p_model + smoothing * p_pop``, so every item has a finite log-probability
 (an item with zero CF mass would otherwise be unreachable in the beam).
+
+Fit once, reuse: SASRec takes minutes to fit on Office, and scripts/reproduce.sh needs the same
+fitted models four times (the SASRec baseline, the CF-guided evaluations of SFT and GRPO). So
+the fitted state is a value of its own (`CFModels`: popularity, Markov transition counts, SASRec
+parameters), `save_cf_models` writes it next to the baselines' results (``cf_models.json``, a
+manifest with the SASRec config and a fingerprint of the data it was fitted on, and
+``cf_models.npz``), and `load_cf_models` gives it back only for the same data and config, so a
+loaded prior is the prior a fresh fit would give (``scripts/evaluate.py --cf_from``).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-from collections.abc import Callable, Sequence
+import hashlib
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from recllm_jax.data import Example, RecDataset
-from recllm_jax.errors import ConfigError
+from recllm_jax.errors import ConfigError, MissingPathError, UserError
 from recllm_jax.rec.baselines.markov import transition_counts
 from recllm_jax.rec.baselines.popularity import target_counts
 from recllm_jax.rec.baselines.run import fit_baseline
-from recllm_jax.rec.baselines.sasrec import SASRecConfig
+from recllm_jax.rec.baselines.sasrec import SASRecConfig, SASRecRecommender
 
-__all__ = ["CF_MODELS", "CFPrior", "fit_prior", "popularity_probs"]
+__all__ = ["CF_MODELS", "CFModels", "CFModelsMismatch", "CFPrior", "data_fingerprint",
+           "fit_cf_models", "fit_prior", "load_cf_models", "popularity_probs", "prior_from_models",
+           "save_cf_models"]
 
 CF_MODELS = ("markov", "sasrec", "mix")
+MANIFEST = "cf_models.json"  # what save_cf_models writes into its directory
+ARRAYS = "cf_models.npz"
+_FORMAT_VERSION = 1
+
+
+class CFModelsMismatch(UserError, ValueError):
+  """Saved CF models that were fitted on other data or with another config than asked for."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +81,22 @@ class CFPrior:
     return [[self.item_ids[j] for j in row] for row in top]
 
 
+@dataclasses.dataclass(frozen=True)
+class CFModels:
+  """What the priors are built from, fitted on one dataset's training split.
+
+  ``sasrec`` is None when SASRec was not fitted (a ``markov`` prior needs none);
+  ``fingerprint`` is `data_fingerprint` of the dataset fitted on.
+  """
+
+  item_ids: tuple[str, ...]
+  popularity: np.ndarray  # [I] popularity_probs of the training split
+  transitions: Mapping[str, Mapping[str, int]]  # transition_counts of the training split
+  sasrec: SASRecRecommender | None
+  sasrec_config: SASRecConfig | None
+  fingerprint: Mapping[str, Any]
+
+
 def popularity_probs(train: Sequence[Example], item_ids: Sequence[str]) -> np.ndarray:
   """[I] add-one smoothed distribution of training targets (the popularity baseline's counts)."""
   counts = target_counts(train)
@@ -66,12 +104,65 @@ def popularity_probs(train: Sequence[Example], item_ids: Sequence[str]) -> np.nd
   return p / p.sum()
 
 
-def _markov_probs(train: Sequence[Example], item_ids: Sequence[str], pop: np.ndarray,
-                  smoothing: float) -> Callable[[Sequence[Example]], np.ndarray]:
-  column = {item_id: j for j, item_id in enumerate(item_ids)}
+def _digest(rows: Iterable[Any]) -> str:
+  h = hashlib.sha256()
+  for row in rows:
+    h.update(json.dumps(row, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n")
+  return h.hexdigest()
+
+
+def data_fingerprint(dataset: RecDataset) -> dict[str, Any]:
+  """What a fit depends on in ``dataset``: the catalog's ids in order (the score columns), the
+  training examples (everything is fitted on them) and the validation examples (SASRec stops
+  early on them), as counts and SHA-256 digests, so that a saved fit is only reused for the same
+  data."""
+  examples = lambda split: ([ex.user_id, list(ex.history), list(ex.targets)] for ex in split)
+  return {"num_items": len(dataset.catalog),
+          "items_sha256": _digest(item.item_id for item in dataset.catalog),
+          "num_train": len(dataset.train), "train_sha256": _digest(examples(dataset.train)),
+          "num_valid": len(dataset.valid), "valid_sha256": _digest(examples(dataset.valid))}
+
+
+def _needs_sasrec(name: str) -> bool:
+  return name in ("sasrec", "mix")
+
+
+def _check_name(name: str, smoothing: float) -> None:
+  if name not in CF_MODELS:
+    raise ConfigError(f"unknown CF prior {name!r}; expected one of {list(CF_MODELS)}")
+  if not 0.0 < smoothing <= 1.0:
+    raise ConfigError(f"CF prior smoothing must be in (0, 1], got {smoothing}: 0 leaves items "
+                      "without CF mass unreachable")
+
+
+def fit_cf_models(dataset: RecDataset, *, sasrec: SASRecConfig | None = SASRecConfig(),
+                  sasrec_model: SASRecRecommender | None = None,
+                  progress: bool = False) -> CFModels:
+  """Fits every CF model on ``dataset.train``: popularity and Markov counts always (they take
+  well under a second), SASRec unless ``sasrec`` is None.
+
+  SASRec is fitted by `recllm_jax.rec.baselines.fit_baseline` (early stopping on
+  ``dataset.valid``), exactly as scripts/baselines.py fits its baseline; pass that baseline as
+  ``sasrec_model`` (fitted with ``sasrec``) to reuse it instead of fitting it again.
+  """
+  item_ids = tuple(item.item_id for item in dataset.catalog)
+  model = None
+  if sasrec is not None:
+    model = sasrec_model or fit_baseline("sasrec", dataset, sasrec=sasrec, progress=progress)
+    if model.item_ids != item_ids:
+      raise ValueError("the SASRec model was fitted on another catalog order")
+  transitions = {item: dict(nexts) for item, nexts in transition_counts(dataset.train).items()}
+  return CFModels(item_ids=item_ids, popularity=popularity_probs(dataset.train, item_ids),
+                  transitions=transitions, sasrec=model, sasrec_config=sasrec,
+                  fingerprint=data_fingerprint(dataset))
+
+
+def _markov_probs(models: CFModels, smoothing: float) -> Callable[[Sequence[Example]], np.ndarray]:
+  column = {item_id: j for j, item_id in enumerate(models.item_ids)}
+  pop = models.popularity
   # successors[i] = (columns [S], p [S]) of the items that followed item i in training.
   successors = {}
-  for item, nexts in transition_counts(train).items():
+  for item, nexts in models.transitions.items():
     cols = np.array([column[j] for j in nexts], np.int64)
     counts = np.array(list(nexts.values()), np.float64)
     successors[item] = (cols, counts / counts.sum())
@@ -88,7 +179,7 @@ def _markov_probs(train: Sequence[Example], item_ids: Sequence[str], pop: np.nda
   return probs
 
 
-def _sasrec_probs(model, pop: np.ndarray, smoothing: float
+def _sasrec_probs(model: SASRecRecommender, pop: np.ndarray, smoothing: float
                   ) -> Callable[[Sequence[Example]], np.ndarray]:
   def probs(examples: Sequence[Example]) -> np.ndarray:
     scores = np.asarray(model.scores(examples), np.float64)  # [N, I]
@@ -98,6 +189,21 @@ def _sasrec_probs(model, pop: np.ndarray, smoothing: float
   return probs
 
 
+def prior_from_models(name: str, models: CFModels, *, smoothing: float = 0.1) -> CFPrior:
+  """The CF prior ``name`` (one of `CF_MODELS`) of fitted ``models``."""
+  _check_name(name, smoothing)
+  parts = []
+  if name in ("markov", "mix"):
+    parts.append(_markov_probs(models, smoothing))
+  if _needs_sasrec(name):
+    if models.sasrec is None:
+      raise ConfigError(f"the CF prior {name!r} needs SASRec, and these CF models have none")
+    parts.append(_sasrec_probs(models.sasrec, models.popularity, smoothing))
+  if len(parts) == 1:
+    return CFPrior(name, models.item_ids, parts[0])
+  return CFPrior(name, models.item_ids, lambda examples: sum(p(examples) for p in parts) / len(parts))
+
+
 def fit_prior(name: str, dataset: RecDataset, *, smoothing: float = 0.1,
               sasrec: SASRecConfig = SASRecConfig(), progress: bool = False) -> CFPrior:
   """The CF prior ``name`` (one of `CF_MODELS`) fitted on ``dataset.train``.
@@ -105,19 +211,89 @@ def fit_prior(name: str, dataset: RecDataset, *, smoothing: float = 0.1,
   SASRec is fitted by `recllm_jax.rec.baselines.fit_baseline` (early stopping on
   ``dataset.valid``), with the ``sasrec`` settings of ``configs/baselines.py``.
   """
-  if name not in CF_MODELS:
-    raise ConfigError(f"unknown CF prior {name!r}; expected one of {list(CF_MODELS)}")
-  if not 0.0 < smoothing <= 1.0:
-    raise ConfigError(f"CF prior smoothing must be in (0, 1], got {smoothing}: 0 leaves items "
-                      "without CF mass unreachable")
+  _check_name(name, smoothing)
+  models = fit_cf_models(dataset, sasrec=sasrec if _needs_sasrec(name) else None,
+                         progress=progress)
+  return prior_from_models(name, models, smoothing=smoothing)
+
+
+def save_cf_models(models: CFModels, directory: str | Path) -> Path:
+  """Writes ``models`` into ``directory`` (``cf_models.json`` + ``cf_models.npz``); returns the
+  manifest's path. The arrays are written first, so a manifest always names complete arrays."""
+  directory = Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  column = {item_id: j for j, item_id in enumerate(models.item_ids)}
+  pairs = [(column[a], column[b], n) for a, nexts in models.transitions.items()
+           for b, n in nexts.items()]
+  src, dst, count = (np.array(x, np.int64).reshape(-1) for x in zip(*pairs)) if pairs else (
+      np.zeros(0, np.int64),) * 3
+  arrays = {"popularity": models.popularity, "markov_src": src, "markov_dst": dst,
+            "markov_count": count}
+  if models.sasrec is not None:
+    arrays.update({f"sasrec/{k}": v for k, v in models.sasrec.param_arrays().items()})
+  tmp = directory / (ARRAYS + ".tmp.npz")
+  np.savez(tmp, **arrays)
+  tmp.replace(directory / ARRAYS)
+  manifest = {
+    "version": _FORMAT_VERSION,
+    "fingerprint": dict(models.fingerprint),
+    "sasrec": None if models.sasrec is None else {
+      "config": dataclasses.asdict(models.sasrec_config),
+      "best_epoch": models.sasrec.best_epoch, "history": models.sasrec.history},
+  }
+  out = directory / MANIFEST
+  out.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+  return out
+
+
+def _differences(saved: Mapping[str, Any], here: Mapping[str, Any]) -> str:
+  keys = sorted(k for k in set(saved) | set(here) if saved.get(k) != here.get(k))
+  show = lambda v: f"{v[:12]}..." if isinstance(v, str) and len(v) > 16 else repr(v)
+  return ", ".join(f"{k} {show(saved.get(k))} (saved) vs {show(here.get(k))} (here)" for k in keys)
+
+
+def load_cf_models(directory: str | Path, dataset: RecDataset, *,
+                   sasrec: SASRecConfig | None = None) -> CFModels:
+  """The `save_cf_models` of ``directory``, checked against ``dataset`` and the SASRec config a
+  fresh fit would use (``sasrec``; None: SASRec is not needed and not loaded).
+
+  Raises `CFModelsMismatch` (a `UserError`) when the saved fit was made on other data or with
+  another SASRec config, or lacks SASRec when ``sasrec`` is given: reusing it would silently
+  give another prior than fitting in place. `MissingPathError` when nothing was saved there.
+  """
+  directory = Path(directory)
+  manifest_path, arrays_path = directory / MANIFEST, directory / ARRAYS
+  if not manifest_path.is_file() or not arrays_path.is_file():
+    raise MissingPathError(f"{directory}: no saved CF models ({MANIFEST} + {ARRAYS}); "
+                           "scripts/baselines.py writes them into its workdir")
+  manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+  if manifest.get("version") != _FORMAT_VERSION:
+    raise CFModelsMismatch(f"{manifest_path}: format version {manifest.get('version')!r}, "
+                           f"expected {_FORMAT_VERSION}; rerun scripts/baselines.py")
+  fingerprint = data_fingerprint(dataset)
+  if manifest["fingerprint"] != fingerprint:
+    raise CFModelsMismatch(f"{manifest_path} was fitted on other data: "
+                           f"{_differences(manifest['fingerprint'], fingerprint)}")
   item_ids = tuple(item.item_id for item in dataset.catalog)
-  pop = popularity_probs(dataset.train, item_ids)  # [I]
-  parts = []
-  if name in ("markov", "mix"):
-    parts.append(_markov_probs(dataset.train, item_ids, pop, smoothing))
-  if name in ("sasrec", "mix"):
-    model = fit_baseline("sasrec", dataset, sasrec=sasrec, progress=progress)
-    parts.append(_sasrec_probs(model, pop, smoothing))
-  if len(parts) == 1:
-    return CFPrior(name, item_ids, parts[0])
-  return CFPrior(name, item_ids, lambda examples: sum(p(examples) for p in parts) / len(parts))
+  model = None
+  with np.load(arrays_path) as arrays:
+    popularity = np.asarray(arrays["popularity"], np.float64)
+    src, dst, count = (arrays[k] for k in ("markov_src", "markov_dst", "markov_count"))
+    transitions: dict[str, dict[str, int]] = collections.defaultdict(dict)
+    for a, b, n in zip(src.tolist(), dst.tolist(), count.tolist()):
+      transitions[item_ids[a]][item_ids[b]] = n
+    if sasrec is not None:
+      saved = manifest.get("sasrec")
+      if saved is None:
+        raise CFModelsMismatch(f"{manifest_path} holds no SASRec fit (baselines without sasrec?)"
+                               "; the prior needs one")
+      want = dataclasses.asdict(sasrec)
+      if saved["config"] != want:
+        raise CFModelsMismatch(f"{manifest_path}: SASRec was fitted with another config: "
+                               f"{_differences(saved['config'], want)}")
+      params = {k[len("sasrec/"):]: arrays[k] for k in arrays.files if k.startswith("sasrec/")}
+      model = SASRecRecommender.from_param_arrays(params, item_ids, sasrec,
+                                                  history=saved["history"],
+                                                  best_epoch=saved["best_epoch"])
+  return CFModels(item_ids=item_ids, popularity=popularity, transitions=dict(transitions),
+                  sasrec=model, sasrec_config=sasrec, fingerprint=fingerprint)

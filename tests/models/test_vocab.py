@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -21,6 +22,10 @@ from recllm_jax.train import build
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "train"))
 from test_loop import make_config  # noqa: E402  (the small SFT setup of the loop tests)
+
+_spec = importlib.util.spec_from_file_location("export_hf_script", REPO / "scripts" / "export_hf.py")
+export_script = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(export_script)
 
 # Item codes as the codec writes them: one added token per code level.
 SID_TOKENS = tuple(f"<{level}_{i}>" for level in "abc" for i in range(12)) + ("<d_0>", "<d_1>")
@@ -231,6 +236,7 @@ def test_hf_weights_grow_to_the_tokenizer(tmp_path, hf_checkpoint):
       np.testing.assert_array_equal(_rows(grown)[name][:HF_VOCAB], rows)
 
 
+@pytest.mark.filterwarnings("ignore:Sharding info not provided")  # the raw restore below
 def test_grown_hf_run_trains_resumes_restores_and_plans(tmp_path, hf_checkpoint, bpe):
   import orbax.checkpoint as ocp
 
@@ -264,6 +270,11 @@ def test_grown_hf_run_trains_resumes_restores_and_plans(tmp_path, hf_checkpoint,
   assert saved_flat.keys() == flat.keys()
   for key, value in flat.items():
     np.testing.assert_array_equal(np.asarray(value), np.asarray(saved_flat[key]), str(key))
+
+  # scripts/export_hf.py's path: the grown rows and the added tokens go out together.
+  out = recllm_jax.export_hf(model, tmp_path / "export", tokenizer)
+  assert json.loads((out / "config.json").read_text())["vocab_size"] == rows
+  assert export_script.tokenizer_mismatch(out, tokenizer) is None
 
   # GRPO-style init_from the workdir: the grown architecture, without growing again ...
   mesh = sharding.make_mesh()
@@ -330,6 +341,9 @@ def test_export_of_a_grown_model_generates_item_tokens_in_transformers(tmp_path,
   assert loaded_tok.convert_tokens_to_ids(list(SID_TOKENS)) == bpe.convert_tokens_to_ids(
       list(SID_TOKENS))
   _assert_single_ids(loaded_tok)
+  probes = export_script.added_token_probes(bpe)
+  assert probes[0].startswith("1. <think></think><answer></answer><a_0><a_1>")
+  assert export_script.tokenizer_mismatch(out, bpe) is None
 
   texts = ["1. <a_1><b_2><c_3>\n2.", "Acme Gel Pen <a_4>", "Next:"]
   prompts = [bpe.encode(t, add_special_tokens=False) for t in texts]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from recllm_jax.data import RecDataset, popularity
 from recllm_jax.data.errors import DataError
@@ -52,11 +53,14 @@ def fit_baseline(name: str, dataset: RecDataset, *, sasrec: SASRecConfig = SASRe
 def run_baselines(dataset: RecDataset, split: str, names: Sequence[str] = BASELINES, *,
                   ks: Iterable[int] = DEFAULT_KS, sasrec: SASRecConfig = SASRecConfig(),
                   markov_backoff: int = 1, exclude_history: bool = False,
-                  progress: bool = False) -> dict[str, dict[str, float]]:
+                  progress: bool = False, fitted: dict[str, Any] | None = None
+                  ) -> dict[str, dict[str, float]]:
   """``{name: evaluate_rankings(...)}`` for each baseline, fitted on train, scored on ``split``.
 
   Novelty uses the training split's popularity (``recllm_jax.data.popularity``), the same counts
-  the GRPO novelty reward uses.
+  the GRPO novelty reward uses. ``fitted``, when given, receives each fitted model by name, so
+  that a caller can keep them (scripts/baselines.py saves SASRec for the CF-guided evaluation
+  instead of having it fitted again).
   """
   names = parse_baselines(names)
   ks = tuple(ks)
@@ -69,9 +73,11 @@ def run_baselines(dataset: RecDataset, split: str, names: Sequence[str] = BASELI
     start = time.perf_counter()
     model = fit_baseline(name, dataset, sasrec=sasrec, markov_backoff=markov_backoff,
                          exclude_history=exclude_history, progress=progress)
-    fitted = time.perf_counter()
+    if fitted is not None:
+      fitted[name] = model
+    fit_end = time.perf_counter()
     rankings = model.recommend(examples, max(ks))
     results[name] = evaluate_rankings(rankings, examples, dataset.catalog, train_popularity, ks)
-    log.info("%s: fit %.1fs, evaluate %.1fs on %d %s examples", name, fitted - start,
-             time.perf_counter() - fitted, len(examples), split)
+    log.info("%s: fit %.1fs, evaluate %.1fs on %d %s examples", name, fit_end - start,
+             time.perf_counter() - fit_end, len(examples), split)
   return results

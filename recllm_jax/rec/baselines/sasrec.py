@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -228,6 +228,39 @@ class SASRecRecommender:
         break
     bar.close()
     return cls(model=nnx.merge(graphdef, best[2]), item_ids=item_ids, history=log, best_epoch=best[1])
+
+  def param_arrays(self) -> dict[str, np.ndarray]:
+    """The trained parameters as ``{path: array}`` (``jax.tree_util.keystr`` paths), the form
+    `from_param_arrays` rebuilds from, so that a fit can be saved (``np.savez``) and reused."""
+    _, params = nnx.split(self.model, nnx.Param)
+    flat, _ = jax.tree_util.tree_flatten_with_path(params)
+    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in flat}
+
+  @classmethod
+  def from_param_arrays(cls, arrays: Mapping[str, np.ndarray], item_ids: Sequence[str],
+                        cfg: SASRecConfig, *, history: list[dict[str, float]] | None = None,
+                        best_epoch: int = 0) -> SASRecRecommender:
+    """A recommender from `param_arrays` of a fit with the same ``cfg`` and catalog order.
+
+    Raises ValueError when a parameter is missing, extra or of another shape (a fit of another
+    architecture or catalog): loading it anyway would score other items than it claims.
+    """
+    model = SASRec(len(item_ids), cfg, rngs=nnx.Rngs(params=cfg.seed))
+    graphdef, template = nnx.split(model, nnx.Param)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(template)
+    names = [jax.tree_util.keystr(path) for path, _ in flat]
+    if set(names) != set(arrays):
+      raise ValueError(f"SASRec parameters do not match the architecture: missing "
+                       f"{sorted(set(names) - set(arrays))}, unexpected {sorted(set(arrays) - set(names))}")
+    leaves = []
+    for name, (_, want) in zip(names, flat):
+      got = np.asarray(arrays[name])
+      if got.shape != want.shape:
+        raise ValueError(f"SASRec parameter {name} has shape {got.shape}, expected {want.shape}")
+      leaves.append(jnp.asarray(got, want.dtype))
+    params = jax.tree_util.tree_unflatten(treedef, leaves)
+    return cls(model=nnx.merge(graphdef, params), item_ids=tuple(item_ids),
+               history=list(history or []), best_epoch=best_epoch)
 
   def scores(self, examples: Sequence[Example], batch_size: int = 512) -> np.ndarray:
     """Catalog scores ``[N, V]`` (column ``j`` is ``item_ids[j]``)."""
