@@ -79,6 +79,9 @@ def base_config() -> ml_collections.ConfigDict:
   # is a prefix of another of the same user's); with history_loss the same next-item targets
   # are trained at a fraction of the tokens ("whole user sequences").
   c.data.user_sequences = False
+  # MiniOneRec's alignment tasks mixed into SFT, comma-separated: "title2item" (the title ->
+  # the item text, e.g. its SID) and/or "item2title"; one example per catalog item and task.
+  c.data.align_tasks = ""
 
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 1000

@@ -33,7 +33,11 @@ from recllm_jax.data.schema import Example
 from recllm_jax.data.tokenizer import EOS_TOKEN, PAD_TOKEN, Tokenizer, encode_prompt
 
 __all__ = [
+  "ALIGN_TASKS",
   "ANSWER_CLOSE",
+  "AlignmentExample",
+  "alignment_examples",
+  "build_alignment_pair",
   "ANSWER_OPEN",
   "EMPTY_THINK",
   "PARSE_REASONS",
@@ -125,6 +129,10 @@ class PromptConfig:
   plain_template: str = "{system}{user}\n\nAnswer: "
   cot_template: str = f"{THINK_OPEN}\n{{rationale}}\n{THINK_CLOSE}\n\n{ANSWER_OPEN}\n{{answer}}\n{ANSWER_CLOSE}"
   rationale_window: int = 10
+  # Alignment tasks (MiniOneRec), mixed into SFT by `data.align_tasks`: name one item by the
+  # other name. {title}: the title; {item}: the item text (e.g. its SID); {noun}: what it is.
+  title2item_template: str = 'Which item has the title "{title}"? Reply with its {noun} and nothing else.'
+  item2title_template: str = "What is the title of the item {item}? Reply with the exact title and nothing else."
 
   def __post_init__(self) -> None:
     if self.target_format not in TARGET_FORMATS:
@@ -278,12 +286,18 @@ def _prompt(
     instruction=cfg.instruction,
     answer_format=answer_format,
   )
+  return _render_turn(user, tokenizer, cfg), kept
+
+
+def _render_turn(user: str, tokenizer: Tokenizer | None, cfg: PromptConfig) -> str:
+  """A user message as the prompt text: the tokenizer's chat template (with the generation
+  prompt) when it has one and ``cfg.use_chat_template``, else ``cfg.plain_template``."""
   if cfg.use_chat_template and tokenizer is not None and getattr(tokenizer, "chat_template", None):
     messages = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
     messages.append({"role": "user", "content": user})
-    return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)), kept
+    return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
   system = f"{cfg.system_prompt}\n\n" if cfg.system_prompt else ""
-  return cfg.plain_template.format(system=system, user=user), kept
+  return cfg.plain_template.format(system=system, user=user)
 
 
 def build_prompt(example: Example, catalog: Catalog | ItemCodec, tokenizer: Tokenizer | None, cfg: PromptConfig) -> str:
@@ -474,6 +488,42 @@ def _budgeted_pair(example: Example, catalog: Catalog | ItemCodec, tokenizer: To
       break
     pair = smaller
   return pair
+
+
+ALIGN_TASKS = ("title2item", "item2title")
+
+
+@dataclasses.dataclass(frozen=True)
+class AlignmentExample:
+  """An alignment task on one catalog item (MiniOneRec): its title -> its item text (e.g. the
+  semantic ID), or back. Mixed into SFT by ``data.align_tasks`` so that the item codes and the
+  titles a pretrained model knows name the same things."""
+
+  item_id: str
+  task: str
+
+  def __post_init__(self) -> None:
+    if self.task not in ALIGN_TASKS:
+      raise ValueError(f"alignment task {self.task!r}; expected one of {ALIGN_TASKS}")
+
+
+def build_alignment_pair(example: AlignmentExample, catalog: Catalog | ItemCodec,
+                         tokenizer: Tokenizer | None, cfg: PromptConfig) -> SftPair:
+  """Prompt and completion of an alignment task, through the same chat template as
+  recommendation prompts; the answer is direct (an empty think block under the R1 template)."""
+  codec = as_codec(catalog)
+  title, item = codec.catalog[example.item_id].title, codec.text(example.item_id)
+  if example.task == "title2item":
+    user, answer = cfg.title2item_template.format(title=title, item=item, noun=codec.noun), item
+  else:
+    user, answer = cfg.item2title_template.format(title=title, item=item, noun=codec.noun), title
+  prompt = _render_turn(user, tokenizer, cfg)
+  return SftPair(prompt, direct_answer_prefix(prompt_opens_think(prompt)) + answer)
+
+
+def alignment_examples(catalog: Catalog | ItemCodec, tasks: Sequence[str]) -> list[AlignmentExample]:
+  """One `AlignmentExample` per catalog item and task, catalog order."""
+  return [AlignmentExample(item.item_id, task) for task in tasks for item in as_codec(catalog).catalog]
 
 
 def _strip_trailing(text: str) -> str:

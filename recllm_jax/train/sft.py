@@ -103,7 +103,10 @@ class SftTask:
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str | os.PathLike):
     from recllm_jax.data.loading import load_run_data
-    from recllm_jax.data.prompts import PromptConfig, build_sft_pair
+    from recllm_jax.data.prompts import (ALIGN_TASKS, AlignmentExample, PromptConfig,
+                                         alignment_examples, build_alignment_pair,
+                                         build_sft_pair)
+    from recllm_jax.errors import ConfigError
     from recllm_jax.data.schema import user_sequences
 
     workdir = paths.workdir_path(workdir)
@@ -118,6 +121,16 @@ class SftTask:
       self.train_examples = user_sequences(self.dataset.train)
       log.info("data.user_sequences: %d of %d training examples are users' longest sequences",
                len(self.train_examples), len(self.dataset.train))
+    tasks = [t.strip() for t in config.data.align_tasks.split(",") if t.strip()]
+    unknown = sorted(set(tasks) - set(ALIGN_TASKS))
+    if unknown:
+      raise ConfigError(f"data.align_tasks: unknown task(s) {unknown}; expected a comma-separated "
+                        f"subset of {list(ALIGN_TASKS)}")
+    if tasks:
+      aligned = alignment_examples(self.codec, tasks)
+      log.info("data.align_tasks: %d alignment examples (%s) mixed into %d training examples",
+               len(aligned), ", ".join(tasks), len(self.train_examples))
+      self.train_examples = list(self.train_examples) + aligned
     prompt_cfg = PromptConfig(**config.data.prompt.to_dict())
     # The BPE learns the prompt wording on title prompts; item codes are added tokens.
     self.tokenizer = build.load_tokenizer(
@@ -127,8 +140,10 @@ class SftTask:
     codec, tokenizer = self.codec, self.tokenizer
     max_length, history_loss = config.data.max_length, config.data.history_loss
     # The history is budgeted so prompt + completion + eos fit max_length (nothing else is cut).
-    self._format = lambda ex: build_sft_pair(ex, codec, tokenizer, prompt_cfg,
-                                             max_length=max_length, history_loss=history_loss)
+    self._format = lambda ex: (
+        build_alignment_pair(ex, codec, tokenizer, prompt_cfg) if isinstance(ex, AlignmentExample)
+        else build_sft_pair(ex, codec, tokenizer, prompt_cfg, max_length=max_length,
+                            history_loss=history_loss))
     # val_loss stays the loss of the target alone, whatever history_loss trains on.
     self._eval_format = lambda ex: build_sft_pair(ex, codec, tokenizer, prompt_cfg,
                                                   max_length=max_length)
@@ -142,7 +157,12 @@ class SftTask:
   def write_train_examples(self, path: Path, count: int = 8) -> Path:
     """The first `count` training examples as trained on (tokens decoded, loss start marked)."""
     tokenize = pipeline.tokenize_fn(self._format, self.tokenizer, self.pipeline_config.max_length)
-    examples = [tokenize(ex) for ex in self.train_examples[:count]]
+    # The first examples, plus the first one of each alignment task (they come last).
+    shown = self.train_examples[:count] + [
+        next(ex for ex in self.train_examples if getattr(ex, "task", None) == task)
+        for task in dict.fromkeys(getattr(ex, "task", None) for ex in self.train_examples)
+        if task is not None]
+    examples = [tokenize(ex) for ex in shown]
     # Written here, not by `pipeline.write_train_examples`: `path` may be a gs:// epath.Path.
     path.write_text(pipeline.format_train_examples(examples, self.tokenizer), encoding="utf-8")
     return path

@@ -131,3 +131,25 @@ def test_sid_trie_has_one_leaf_per_item(trained_tokenizer):
   leaves = [trie.lookup(tok.encode(codec.text(i), add_special_tokens=False)) for i in SIDS]
   assert sorted(trie.catalog_ids(leaf)[0] for leaf in leaves) == sorted(SIDS)
   assert np.all(np.asarray(leaves) >= 0)
+
+
+def test_alignment_tasks_name_an_item_by_its_other_name(r1_tokenizer):
+  from recllm_jax.data.prompts import AlignmentExample, alignment_examples, build_alignment_pair
+
+  codec = make_codec("sid", _catalog())
+  cfg = PromptConfig()
+  to_sid = build_alignment_pair(AlignmentExample("p2", "title2item"), codec, None, cfg)
+  assert 'Which item has the title "Red Pen"? Reply with its semantic ID' in to_sid.prompt
+  assert to_sid.completion == "<a_1><b_2><c_4>"
+  back = build_alignment_pair(AlignmentExample("p2", "item2title"), codec, None, cfg)
+  assert "What is the title of the item <a_1><b_2><c_4>?" in back.prompt
+  assert back.completion == "Red Pen"
+  # Under the real R1 template the prompt opens a think block: the answer closes it first.
+  r1 = build_alignment_pair(AlignmentExample("p2", "title2item"), codec, r1_tokenizer, cfg)
+  assert r1.prompt.endswith("<｜Assistant｜><think>\n")
+  assert r1.completion == "\n</think>\n\n<a_1><b_2><c_4>"
+  tasks = alignment_examples(codec, ["title2item", "item2title"])
+  assert [(a.item_id, a.task) for a in tasks[:2]] == [("p1", "title2item"), ("p2", "title2item")]
+  assert len(tasks) == 8
+  with pytest.raises(ValueError, match="alignment task"):
+    AlignmentExample("p1", "sid2sid")

@@ -149,6 +149,11 @@ def test_script_writes_the_harness_metrics(synthetic, tmp_path):
   for name in expected:
     assert written[name] == pytest.approx(expected[name])
   assert "hr@10" in done.stdout and "markov" in done.stdout
+  # The CF models are saved for scripts/evaluate.py --cf_from: no SASRec when it was not run.
+  from recllm_jax.rec.cf_prior import load_cf_models
+  models = load_cf_models(tmp_path, dataset)
+  assert models.sasrec is None
+  assert models.transitions == {k: dict(v) for k, v in transition_counts(dataset.train).items()}
 
 
 @pytest.mark.parametrize("flag, message", [

@@ -114,6 +114,33 @@ def test_cf_guided_beam_writes_its_settings_and_the_prior_alone(run, tmp_path):
   expected = evaluate_rankings(alone, examples, ds.catalog, popularity(ds.train), ks=(1, 3, 5))
   assert json.loads((workdir / "eval_test_cf_markov.json").read_text()) == expected
 
+  # --cf_from: the models scripts/baselines.py saves give the same beams as fitting in place.
+  from recllm_jax.rec.cf_prior import fit_cf_models, save_cf_models
+  save_cf_models(fit_cf_models(ds, sasrec=None), tmp_path / "baselines")
+  done = evaluate(workdir, data, "--split=test", "--k=5", "--max_examples=12", "--batch_size=4",
+                  "--cf_model=markov", "--cf_weight=2", "--cf_smoothing=0.2", "--tag=cf_from",
+                  f"--cf_from={tmp_path / 'baselines'}")
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert ((workdir / "predictions_test_cf_from.jsonl").read_bytes()
+          == (workdir / "predictions_test_cf.jsonl").read_bytes())
+
+
+def test_cf_from_models_of_other_data_is_a_one_line_error(run, tmp_path):
+  from recllm_jax.data import RecDataset
+  from recllm_jax.rec.cf_prior import fit_cf_models, save_cf_models
+
+  workdir, data = run
+  ds = load_dataset(data, "synthetic")
+  other = RecDataset(ds.catalog, ds.train[1:], valid=ds.valid, test=ds.test)
+  save_cf_models(fit_cf_models(other, sasrec=None), tmp_path)
+  done = evaluate(workdir, data, "--max_examples=4", "--cf_model=markov", f"--cf_from={tmp_path}",
+                  "--tag=mismatch")
+  assert done.returncode == 2
+  lines = done.stderr.strip().splitlines()
+  assert len(lines) == 1 and "CFModelsMismatch" in lines[0] and "other data" in lines[0], \
+    done.stderr[-2000:]
+  assert not (workdir / "eval_test_mismatch.json").exists()
+
 
 def test_cf_model_outside_beam_mode_is_a_one_line_error(run):
   workdir, data = run
