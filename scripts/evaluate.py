@@ -138,8 +138,22 @@ def main(argv: list[str]) -> None:
     except ValueError as e:
       raise ConfigError(f"--mode={mode}: {e}") from None
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    sasrec = None
+    cf_models = None
+    if cf_model:
+      from recllm_jax.rec.baselines import SASRecConfig
+      from recllm_jax.rec.cf_prior import fit_prior, load_cf_models, prior_from_models
+      # configs/baselines.py's SASRec defaults and this config's seed (0: the baseline's).
+      sasrec = SASRecConfig(seed=config.seed)
+    if _CF_FROM.value:
+      # A saved fit is checked against the data before the checkpoint is restored, so that a
+      # mismatch ends the run at once, with one line.
+      dataset, codec = load_run_data(config, workdir)
+      cf_models = load_cf_models(Path(_CF_FROM.value).expanduser(), dataset,
+                                 sasrec=sasrec if cf_model in ("sasrec", "mix") else None)
     model, tokenizer = load_model(config, workdir, mesh)
-    dataset, codec = load_run_data(config, workdir)
+    if cf_models is None:
+      dataset, codec = load_run_data(config, workdir)
     examples = dataset.split(split)
     if _MAX_EXAMPLES.value:
       examples = examples[:_MAX_EXAMPLES.value]
@@ -149,14 +163,8 @@ def main(argv: list[str]) -> None:
     grounder = Grounder(codec, popularity=train_popularity)  # as GRPO grounds answers
     cf_prior = None
     if cf_model:
-      from recllm_jax.rec.baselines import SASRecConfig
-      from recllm_jax.rec.cf_prior import fit_prior, load_cf_models, prior_from_models
-      # configs/baselines.py's SASRec defaults and this config's seed (0: the baseline's).
-      sasrec = SASRecConfig(seed=config.seed)
-      if _CF_FROM.value:
-        models = load_cf_models(Path(_CF_FROM.value).expanduser(), dataset,
-                                sasrec=sasrec if cf_model in ("sasrec", "mix") else None)
-        cf_prior = prior_from_models(cf_model, models, smoothing=_CF_SMOOTHING.value)
+      if cf_models is not None:
+        cf_prior = prior_from_models(cf_model, cf_models, smoothing=_CF_SMOOTHING.value)
       else:
         cf_prior = fit_prior(cf_model, dataset, smoothing=_CF_SMOOTHING.value, sasrec=sasrec,
                              progress=True)

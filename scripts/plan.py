@@ -31,9 +31,9 @@ DEVICE_NAMES = ("h100-80gb", "h200", "tpu-v5e", "tpu-v5p", "tpu-v6e")  # plan.DE
 _DEVICE = flags.DEFINE_enum("device", "h100-80gb", list(DEVICE_NAMES), "Accelerator to plan for.")
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", 0, "Devices of the planned mesh (0 = this "
                                     "machine's jax.device_count()).")
-_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 0, "Tokens the run adds to its tokenizer (e.g. "
-                                   "semantic-ID item codes): counted in the vocabulary, which "
-                                   "grows past a pretrained checkpoint's rows as training grows it.")
+_NEW_TOKENS = flags.DEFINE_integer(
+    "new_tokens", 0, "Tokens the run adds to its tokenizer (e.g. semantic-ID item codes): counted "
+    "in the vocabulary, which grows past a pretrained checkpoint's rows as training grows it.")
 _MARGIN = flags.DEFINE_float("margin", 0.1, "Share of device memory left free for what the "
                              "plan does not model (XLA temporaries).")
 

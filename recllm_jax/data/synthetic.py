@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 META_FILE = "synthetic.json"
 SYNTHETIC_FILES = (CATALOG_FILE, INTERACTIONS_FILE, META_FILE)
+DERIVED_SID_FILE = "sids.tsv"  # recllm_jax.data.sids.SID_FILE (not imported: no scipy here)
 TMP_PREFIX = ".tmp-"
 # Part of the fingerprint in META_FILE: bump whenever the same settings would
 # produce different files, so cached data from the old generator is replaced.
@@ -274,7 +275,8 @@ def _read_meta(out: Path) -> dict[str, Any] | None:
   if not out.is_dir():
     return None
   names = {p.name for p in out.iterdir() if not p.name.startswith(TMP_PREFIX)}
-  foreign = sorted(names - set(SYNTHETIC_FILES))
+  # Semantic IDs built for the data (scripts/build_sids.py) live beside it.
+  foreign = sorted(names - set(SYNTHETIC_FILES) - {DERIVED_SID_FILE})
   if foreign:
     raise DataError(
       f"directory holds files the synthetic generator did not write ({', '.join(foreign[:3])}); "
@@ -368,6 +370,8 @@ def generate_synthetic(
     if stale is not None:
       log.warning("regenerating synthetic data in %s: %s", out, stale)
   out.mkdir(parents=True, exist_ok=True)
+  # SIDs built for the old data would name other items: they must be rebuilt.
+  (out / DERIVED_SID_FILE).unlink(missing_ok=True)
   rng = random.Random(seed)
   model = _SequenceModel()
 

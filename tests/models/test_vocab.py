@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "train"))
 from test_loop import make_config  # noqa: E402  (the small SFT setup of the loop tests)
 
-_spec = importlib.util.spec_from_file_location("export_hf_script", REPO / "scripts" / "export_hf.py")
+_spec = importlib.util.spec_from_file_location("export_hf_script",
+                                              REPO / "scripts" / "export_hf.py")
 export_script = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(export_script)
 
@@ -194,7 +195,8 @@ def test_bpe_added_tokens_are_single_ids(bpe):
 
 def test_hf_tokenizer_gets_the_tokens_saved_into_the_workdir(tmp_path):
   base = _hf_tokenizer(tmp_path / "hf_tok")
-  config = make_config(tmp_path / "w", tmp_path, **{"model.tokenizer_path": str(tmp_path / "hf_tok")})
+  config = make_config(tmp_path / "w", tmp_path,
+                       **{"model.tokenizer_path": str(tmp_path / "hf_tok")})
   workdir = tmp_path / "w"
   # Without new tokens: the pretrained tokenizer as is, nothing written.
   assert build.load_tokenizer(config, workdir).get_vocab() == base.get_vocab()
