@@ -55,7 +55,7 @@ from recllm_jax.train import advantages as adv_lib
 from recllm_jax.train import metrics as metrics_lib
 from recllm_jax.train import logprobs as logprobs_lib
 from recllm_jax.train import policy_loss
-from recllm_jax.train.loop import Work
+from recllm_jax.train.task import TRAIN_EXAMPLES_FILE, Work
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,6 @@ class GrpoTask:
     from recllm_jax.data.prompts import PromptConfig
     from recllm_jax.rec import Grounder, RewardContext, BusinessRule
     from recllm_jax.train import build
-    from recllm_jax.train.sft import TRAIN_EXAMPLES_FILE
 
     self.config = config
     self.workdir = paths.workdir_path(workdir)

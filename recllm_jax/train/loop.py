@@ -18,99 +18,38 @@ from the latest checkpoint in `config.workdir`.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import importlib
 import logging
 import math
 import signal
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Any
 
-import grain
 import jax
 import ml_collections
-import optax
 from etils import epath
-from flax import nnx
 
 from recllm_jax import distributed, paths, sharding
-from recllm_jax.data import pipeline
 from recllm_jax.errors import ConfigError, UserError
-from recllm_jax.models.config import Qwen2Config
 from recllm_jax.train import build, checkpoint, checks, metrics as metrics_lib, optim
+from recllm_jax.train.grpo import GrpoTask
+from recllm_jax.train.sft import SftTask
+from recllm_jax.train.task import Run, Task, Work
 
 log = logging.getLogger(__name__)
 
-# config.task -> "module:class" of its `Task` (imported on use: a task's heavy imports stay out
-# of the others' runs).
-TASKS = {"sft": "recllm_jax.train.sft:SftTask", "grpo": "recllm_jax.train.grpo:GrpoTask"}
+# config.task -> its `Task` class.
+TASKS: dict[str, type] = {"sft": SftTask, "grpo": GrpoTask}
 
 
 class NonFiniteLossError(UserError, FloatingPointError):
   """Training produced a NaN/inf loss or gradient; the state is not saved."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Work:
-  """What a step did, for tokens/s and MFU: trained tokens and model FLOPs (all processes)."""
-
-  tokens: int
-  flops: float
-
-
-@dataclasses.dataclass(frozen=True)
-class Run:
-  """What the loop built, handed to `Task.setup` before the first step.
-
-  graphdef: the model's NNX graph (`nnx.merge(graphdef, state.params)` gives the model).
-  optimizer, schedule: the optax transformation and its LR schedule (over optimizer updates).
-  state_sharding: the train state's layout; jitted updates pin their outputs to it.
-  initial_params: the params before training or restore (e.g. GRPO's frozen reference).
-  """
-
-  graphdef: nnx.GraphDef
-  optimizer: optax.GradientTransformation
-  schedule: optax.Schedule
-  state_sharding: Any
-  mesh: jax.sharding.Mesh
-  model_cfg: Qwen2Config
-  writer: metrics_lib.MetricsWriter
-  initial_params: nnx.State
-  workdir: epath.Path
-
-  @property
-  def vocab_size(self) -> int:
-    return self.model_cfg.vocab_size
-
-
-class Task(Protocol):
-  """What a trainer plugs into the loop.
-
-  `updates_per_step` optimizer updates happen per loop step (the LR schedule counts updates).
-  `step` returns the new state, its metrics (at least `loss` and `grad_norm`, for the NaN
-  guard) and its `Work`; `evaluate` returns held-out metrics (empty without held-out data).
-  """
-
-  name: str
-  tokenizer: Any  # a `transformers` tokenizer; the model's vocabulary must cover it
-  updates_per_step: int
-
-  def train_iterator(self) -> grain.DatasetIterator: ...
-
-  def setup(self, run: Run) -> None: ...
-
-  def step(self, state: optim.TrainState,
-           batch: pipeline.Batch) -> tuple[optim.TrainState, dict[str, Any], Work]: ...
-
-  def evaluate(self, state: optim.TrainState) -> dict[str, float]: ...
-
-
 def make_task(config: ml_collections.ConfigDict, workdir: epath.Path) -> Task:
   """The `Task` registered as `config.task` in `TASKS`."""
   if config.task not in TASKS:
     raise ConfigError(f"task={config.task!r} is not a known task; expected one of {sorted(TASKS)}")
-  module, _, name = TASKS[config.task].partition(":")
-  return getattr(importlib.import_module(module), name)(config, workdir)
+  return TASKS[config.task](config, workdir)
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ from recllm_jax import paths
 from recllm_jax.data import pipeline
 from recllm_jax.train import build, optim
 from recllm_jax.train import metrics as metrics_lib
-from recllm_jax.train.loop import Work
+from recllm_jax.train.task import TRAIN_EXAMPLES_FILE, Work
 from recllm_jax.train.logprobs import (DEFAULT_CHUNK_SIZE, model_token_logprobs,
                                        token_logprobs)
 
@@ -73,9 +73,6 @@ def sft_loss_fn(model: Any, batch: Mapping[str, jax.Array], rng: jax.Array, *,
 # --- the task --------------------------------------------------------------------------------
 
 
-TRAIN_EXAMPLES_FILE = "train_examples.txt"
-
-
 def tokenizer_texts(examples: Sequence[Any], catalog: Any, prompt_cfg: Any,
                     count: int = 256) -> list[str]:
   """Prompt and completion texts of the first `count` examples (plain template), for training
@@ -87,7 +84,7 @@ def tokenizer_texts(examples: Sequence[Any], catalog: Any, prompt_cfg: Any,
 
 
 class SftTask:
-  """Tokenizer, data pipelines, loss and step for SFT (`loop.Task`); the loop does the rest.
+  """Tokenizer, data pipelines, loss and step for SFT (`task.Task`); the loop does the rest.
 
   On start-up, process 0 writes `<workdir>/train_examples.txt`: the first training examples
   exactly as tokenized (prompt, loss-mask boundary, completion), to check the format by eye.
