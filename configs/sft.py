@@ -54,6 +54,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"
   c.model.dtype = "bfloat16"  # compute dtype
   c.model.remat = False
+  # Residual dropout in SFT (random-init presets; Qwen2Config.dropout): for small data.
+  c.model.dropout = 0.0
   for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads"):
     c.model[key] = 0  # 0 = the preset's value (random init only)

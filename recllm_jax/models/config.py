@@ -56,6 +56,9 @@ class Qwen2Config:
     param_dtype: storage dtype of the weights ('float32' or 'bfloat16').
     dtype: compute dtype of matmuls and activations; norms, softmax and logits stay fp32.
     remat: rematerialise each decoder block in the backward pass (saves activation memory).
+    dropout: residual dropout rate (after the embedding and on each block's attention and MLP
+      outputs, as in GPT-2 and SASRec), applied only when the forward gets a `dropout_rng`
+      (SFT of random-init models on small data); 0 = none, and it never changes inference.
   """
 
   vocab_size: int
@@ -77,6 +80,7 @@ class Qwen2Config:
   param_dtype: str = "float32"
   dtype: str = "float32"
   remat: bool = False
+  dropout: float = 0.0
 
   def __post_init__(self):
     # Not a dataclass field (so not compared, hashed or passed to __init__): whether head_dim

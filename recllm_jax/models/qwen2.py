@@ -274,11 +274,20 @@ class DecoderLayer(nnx.Module):
                                             cfg.jnp_param_dtype)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x, cos, sin, allowed, kv, index, prefix=None):
+  def __call__(self, x, cos, sin, allowed, kv, index, prefix=None, dropout=None):
     attn, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, allowed, kv, index, prefix)
-    x = x + attn
-    x = x + self.mlp(self.post_attention_layernorm(x))
+    attn_rng, mlp_rng = (None, None) if dropout is None else jax.random.split(dropout[0])
+    x = x + _dropout(attn, dropout, attn_rng)
+    x = x + _dropout(self.mlp(self.post_attention_layernorm(x)), dropout, mlp_rng)
     return shard(x, ("batch", "length", "act_embed")), new_kv
+
+
+def _dropout(x: jax.Array, dropout: tuple[jax.Array, float] | None, rng: jax.Array | None):
+  """Inverted dropout of `x` with (key, rate) `dropout`; identity when None."""
+  if dropout is None:
+    return x
+  keep = jax.random.bernoulli(rng, 1.0 - dropout[1], x.shape)
+  return jnp.where(keep, x / (1.0 - dropout[1]), 0).astype(x.dtype)
 
 
 def _layer_forward(layer: DecoderLayer, *args):
@@ -313,12 +322,13 @@ class Qwen2ForCausalLM(nnx.Module):
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                positions: jax.Array | None = None, cache: KVCache | None = None,
-               return_hidden: bool = False):
+               return_hidden: bool = False, dropout_rng: jax.Array | None = None):
     """input_ids, attention_mask: [B, T]. Returns fp32 logits [B, T, V], or with
     `return_hidden=True` the final-norm hidden states [B, T, D] (project a subset with
     `project_logits`, e.g. only the last prompt position, or sequence chunks with
     `output_head()` as `train.logprobs` does, so [B, T, V] never exists).
-    With `cache=`, returns `(output, new_cache)`.
+    With `cache=`, returns `(output, new_cache)`. `dropout_rng` turns on `cfg.dropout` (training
+    only; without it, or with `cfg.dropout == 0`, the forward is deterministic).
     """
     cfg = self.cfg
     batch, length = input_ids.shape
@@ -341,6 +351,10 @@ class Qwen2ForCausalLM(nnx.Module):
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
     x = jnp.take(self.embed_tokens.embedding[...], input_ids, axis=0).astype(cfg.jnp_dtype)
     x = shard(x, ("batch", "length", "act_embed"))  # [B, T, D]
+    dropout = None
+    if dropout_rng is not None and cfg.dropout > 0:
+      dropout_rng, embed_rng = jax.random.split(dropout_rng)
+      x = _dropout(x, (embed_rng, cfg.dropout), embed_rng)
     # Remat only matters under a gradient; decoding (a cache) skips it: `nnx.remat` inside the
     # decoder's while_loop fails with a TraceContextError.
     forward = _layer_forward_remat if cfg.remat and cache is None else _layer_forward
@@ -350,7 +364,9 @@ class Qwen2ForCausalLM(nnx.Module):
       prefix = None
       if cache is not None and cache.prefix is not None:
         prefix = (cache.prefix.k[i], cache.prefix.v[i], cache.prefix.mask)
-      x, layer_kv = forward(layer, x, cos, sin, allowed, kv, index, prefix)
+      if dropout_rng is not None and cfg.dropout > 0:
+        dropout = (jax.random.fold_in(dropout_rng, i), cfg.dropout)
+      x, layer_kv = forward(layer, x, cos, sin, allowed, kv, index, prefix, dropout)
       if layer_kv is not None:
         new_k.append(layer_kv[0])
         new_v.append(layer_kv[1])

@@ -223,7 +223,7 @@ def model_config(model_cfg: ml_collections.ConfigDict, vocab_size: int,
   overrides = {k: model_cfg[k] for k in ARCH_OVERRIDES if model_cfg.get(k)}
   return PRESETS[model_cfg.preset](
       vocab_size=vocab_size, param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype,
-      remat=model_cfg.remat, **overrides, **token_ids)
+      remat=model_cfg.remat, dropout=model_cfg.get("dropout", 0.0), **overrides, **token_ids)
 
 
 def _check_vocab(model: Qwen2ForCausalLM, tokenizer: Any, source: str) -> None:

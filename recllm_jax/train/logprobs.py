@@ -174,23 +174,26 @@ def _drop_mesh_axes(rules: sharding.LogicalRules,
 
 def model_token_logprobs(model: Any, input_ids: jax.Array, attention_mask: jax.Array,
                          targets: jax.Array, *, chunk_size: int, temperature: float = 1.0,
-                         with_entropy: bool = False, last: int | None = None) -> LogProbs:
+                         with_entropy: bool = False, last: int | None = None,
+                         dropout_rng: jax.Array | None = None) -> LogProbs:
   """Runs a `Qwen2ForCausalLM` and returns `token_logprobs` of `targets` [B, T].
 
   `chunk_size` > 0 projects the hidden states chunk by chunk (`chunked_token_logprobs`);
   0 projects all positions at once (the [B, T, V] reference path, for tests and comparisons).
   `last` projects only the last `last` positions and returns [B, last]: GRPO scores only the
   completion, which sits at the end of every row, so the prompt never meets the LM head.
+  `dropout_rng` turns on the model's training dropout (`Qwen2Config.dropout`).
   """
   if chunk_size < 0:
     raise ValueError(f"logits chunk_size must be >= 0 (0 = unchunked), got {chunk_size}")
   if last is not None:
     targets = targets[:, -last:]
   if chunk_size == 0:
-    logits = model(input_ids, attention_mask)
+    logits = model(input_ids, attention_mask, dropout_rng=dropout_rng)
     return token_logprobs(logits if last is None else logits[:, -last:], targets,
                           temperature=temperature, with_entropy=with_entropy)
-  hidden = model(input_ids, attention_mask, return_hidden=True)  # [B, T, D]
+  hidden = model(input_ids, attention_mask, return_hidden=True,
+                 dropout_rng=dropout_rng)  # [B, T, D]
   if last is not None:
     hidden = hidden[:, -last:]  # [B, last, D]
   return chunked_token_logprobs(hidden, model.output_head(), targets, chunk_size=chunk_size,

@@ -63,9 +63,10 @@ def sft_loss_fn(model: Any, batch: Mapping[str, jax.Array], rng: jax.Array, *,
   (`train.logits_chunk_size`; see `train.logprobs`), so the [B, T, V] logits never exist;
   0 computes them all at once.
   """
-  del rng  # SFT is deterministic.
+  # `rng` only drives dropout (`model.dropout`); without it SFT is deterministic.
   logp = model_token_logprobs(model, batch["input_ids"], batch["attention_mask"],
-                              batch["targets"], chunk_size=logits_chunk_size)  # [B, T]
+                              batch["targets"], chunk_size=logits_chunk_size,
+                              dropout_rng=rng if model.cfg.dropout > 0 else None)  # [B, T]
   total, count = _masked_terms(-logp, batch["loss_mask"])
   return total, count, {}
 

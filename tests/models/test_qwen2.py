@@ -119,3 +119,31 @@ def test_rope_rotates_pairs_by_position_times_frequency():
   expected = [1 * np.cos(a0) - 3 * np.sin(a0), 2 * np.cos(a1) - 4 * np.sin(a1),
               3 * np.cos(a0) + 1 * np.sin(a0), 4 * np.cos(a1) + 2 * np.sin(a1)]
   np.testing.assert_allclose(out, expected, rtol=1e-6)
+
+
+def test_dropout_is_training_only_and_scales_the_kept_units():
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from recllm_jax.models import config as model_config
+  from recllm_jax.models.qwen2 import Qwen2ForCausalLM
+
+  cfg = model_config.tiny(vocab_size=64, num_hidden_layers=2, dropout=0.5)
+  model = Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0))
+  ids = jnp.arange(12, dtype=jnp.int32).reshape(2, 6)
+  plain = model(ids)
+  # No rng: deterministic, and equal to the same weights without dropout configured.
+  np.testing.assert_array_equal(plain, model(ids))
+  same = Qwen2ForCausalLM(cfg.replace(dropout=0.0), rngs=nnx.Rngs(0))
+  np.testing.assert_array_equal(plain, same(ids, dropout_rng=jax.random.key(1)))
+  a = model(ids, dropout_rng=jax.random.key(1))
+  b = model(ids, dropout_rng=jax.random.key(2))
+  assert not np.allclose(a, plain) and not np.allclose(a, b)
+  np.testing.assert_array_equal(a, model(ids, dropout_rng=jax.random.key(1)))  # reproducible
+  # Inverted dropout keeps the expectation: the mean over many masks approaches the plain forward.
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 4, cfg.hidden_size)), jnp.float32)
+  from recllm_jax.models.qwen2 import _dropout
+  keys = jax.random.split(jax.random.key(3), 4000)
+  mean = jnp.mean(jax.vmap(lambda k: _dropout(x, (k, 0.5), k))(keys), axis=0)
+  np.testing.assert_allclose(mean, x, atol=0.1)
