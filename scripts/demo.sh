@@ -1,16 +1,28 @@
 #!/usr/bin/env bash
 # The offline demo: the whole pipeline on the built-in synthetic data, no file from outside the
-# repo, a few minutes on a 2-core CPU:
+# repo, under 10 minutes on a 2-core CPU:
 #   bash scripts/demo.sh [OUT_DIR]          (default workdirs/demo)
-# SFT (configs/sft.py:tiny) -> GRPO (configs/grpo.py:tiny) -> evaluation on the test split against
-# the popularity, item-transition and SASRec baselines -> the results table, training curves
-# (OUT/sft/*.png, OUT/grpo/*.png), OUT/results.png and three example users (recent history, our
-# top-5, the true next item). Same choices as scripts/reproduce.sh (direct targets, beam
-# rollouts); the synthetic data is generated once into OUT/sft/data and shared by every step.
+# scripts/reproduce.sh on synthetic data, so the same pipeline as on Office (ITEM_FORMAT=sid by
+# default: semantic IDs built for the synthetic catalog by scripts/build_sids.py, SFT with
+# configs/sft.py:office, GRPO with configs/grpo.py:office, direct targets, beam rollouts) ->
+# evaluation on the test split, plain and CF-guided, against the popularity, item-transition and
+# SASRec baselines -> the results table, training curves (OUT/sft/*.png, OUT/grpo/*.png),
+# OUT/results.png, OUT/stage_times.json and three example users (recent history, our top-5, the
+# true next item). The synthetic data is generated once into OUT/sft/data and shared by every step.
+#
+# Environment (each passed on to scripts/reproduce.sh; see its header for the rest):
+#   ITEM_FORMAT  sid (default) | title (the title pipeline, configs :tiny)
+#   SFT_STEPS    SFT steps (default here 300 for sid: the office preset's 1200 steps of 32 whole
+#                user sequences take about 4 times the demo's budget on 2 cores)
+#   GRPO_STEPS   GRPO steps (default here 20 for sid, half the office preset's 40)
+#   CF_MODEL     CF prior of the CF-guided rows (default here markov: no SASRec needed)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 OUT="${1:-workdirs/demo}"
-FORMAT=synthetic TITLE="synthetic demo, test" EXAMPLES=3 CF_MODEL=markov \
+if [[ "${ITEM_FORMAT:-sid}" == sid ]]; then
+  export SFT_STEPS="${SFT_STEPS:-300}" GRPO_STEPS="${GRPO_STEPS:-20}"
+fi
+FORMAT=synthetic TITLE="synthetic demo, test" EXAMPLES=3 CF_MODEL="${CF_MODEL:-markov}" \
   exec bash scripts/reproduce.sh "$OUT/sft/data" "$OUT"

@@ -19,7 +19,8 @@ another SASRec config than the one fitted in place (configs/baselines.py default
 
 Writes into W:
   eval_<split>.json         flat metric keys (hr@10, ndcg@10, ...), plus examples_per_s and, with
-                            a CF model, cf_model / cf_weight / cf_smoothing
+                            a CF model, cf_model / cf_weight / cf_smoothing / cf_from (the
+                            --cf_from folder, "" when fitted in place)
   predictions_<split>.jsonl one line per example: user_id, history, targets, ranked ids, titles
   (with `--tag T`: eval_<split>_T.json and predictions_<split>_T.jsonl instead)
   eval_<split>_cf_<model>.json  with --cf_model: the CF prior's own ranking (no LLM), same keys
@@ -174,7 +175,9 @@ def main(argv: list[str]) -> None:
                          max_new_tokens=_MAX_NEW_TOKENS.value or None,
                          temperature=_TEMPERATURE.value, exclude_history=_EXCLUDE_HISTORY.value,
                          rng=config.seed, grounder=grounder, mesh=mesh,
-                         progress=True, cf_prior=cf_prior, cf_weight=_CF_WEIGHT.value)
+                         progress=True, cf_weight=_CF_WEIGHT.value,
+                         # The same prior, computed 512 examples at a time (SASRec's batch).
+                         cf_prior=None if cf_prior is None else cf_prior.chunked(examples))
     seconds = time.perf_counter() - start
   except UserError as e:
     fail(f"{type(e).__name__}: {e}")

@@ -4,19 +4,42 @@
 # DATA_DIR defaults to ../shared/data/amazon18/Office_Products (relative to the repo root), OUT_DIR
 # to workdirs/reproduce. Run from an activated environment (`pip install -e .` done).
 #
-# Pipeline: SFT a small random-init Qwen2 (configs/sft.py:tiny, tokenizer trained on the catalog,
-# training examples rebuilt from valid.csv) -> GRPO from that checkpoint (configs/grpo.py:tiny)
-# -> evaluate both on test.csv (full catalog, constrained beam search, K=20 beams) -> popularity,
-# item-transition and SASRec baselines on the same split -> OUT/results.json, one table with the
-# dataset README's published rows beside ours, OUT/results.png.
+# Pipeline (ITEM_FORMAT=sid, the default): semantic IDs for the catalog (DATA_DIR/sids.tsv from
+# scripts/build_sids.py, unless DATA_DIR has sids.tsv or SIDs of its own: an amazon18 info.txt,
+# a sid field in a JSONL catalog.jsonl) -> SFT of a small random-init Qwen2 that writes items as
+# SIDs (configs/sft.py:office) -> GRPO from that checkpoint with beam rollouts
+# (configs/grpo.py:office) -> evaluate both on test.csv (full catalog, constrained beam search,
+# K=20 beams) -> popularity, item-transition and SASRec baselines on the same split (which also
+# save the fitted CF models) -> CF-guided evaluation of both (the saved Markov + SASRec prior
+# mixed into the beam) -> OUT/results.json, one table with the dataset README's published rows
+# beside ours, OUT/results.png, OUT/stage_times.json.
+#
+# ITEM_FORMAT=title runs the earlier title pipeline: configs/sft.py:tiny and configs/grpo.py:tiny
+# with direct targets (--config.data.prompt.target_format=direct) and beam rollouts
+# (--config.grpo.rollout=beam), items written as their titles.
 #
 # Why direct targets and beam rollouts: evaluation ranks by constrained beam search over bare
-# titles (direct prompts), so SFT trains on direct targets and GRPO rolls out with the same beam
+# items (direct prompts), so SFT trains on direct targets and GRPO rolls out with the same beam
 # search (its rewards then score exactly the lists evaluation scores). See docs/results.md.
+# Why the baselines run before the CF-guided evaluations: they fit SASRec (minutes on Office) and
+# save it with the Markov counts in OUT/baselines; both CF-guided evaluations load that fit
+# (scripts/evaluate.py --cf_from) instead of fitting it again, and refuse it if the data differ.
 # Nothing here is dataset-specific: another DATA_DIR in the same format is the only change.
-# A fresh OUT_DIR gives a fresh run; an existing one resumes from its checkpoints.
-# Environment: PYTHON, K (list length), FORMAT (data.format, default amazon18), TITLE (table
-# title), EXAMPLES (print that many example users); scripts/demo.sh sets the last three.
+# A fresh OUT_DIR gives a fresh run; an existing one resumes from its checkpoints (evaluations
+# and baselines run again).
+#
+# Environment:
+#   PYTHON       interpreter (default python)
+#   ITEM_FORMAT  sid (default) | title: how items are written (data.item_format)
+#   K            list length and beams (default 20; metrics at 1,3,5,10,20 <= K)
+#   FORMAT       data.format (default amazon18; scripts/demo.sh sets synthetic)
+#   SFT_STEPS    SFT train.num_steps (default: the preset's, 1200 for sid, 300 for title)
+#   GRPO_STEPS   GRPO train.num_steps (default: the preset's, 40 for sid, 30 for title)
+#   CF_MODEL     CF prior of the CF-guided rows: mix (default) | markov | sasrec
+#   CF_WEIGHT    its weight in the beam score (default 256, chosen on Office's valid split)
+#   TITLE        title of the results table; EXAMPLES: print that many example users
+# At the end the wall time of every stage is printed as a table and written to
+# OUT/stage_times.json ({"stage": seconds, ..., "total": seconds}).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -24,61 +47,122 @@ cd "$ROOT"
 DATA_DIR="${1:-../shared/data/amazon18/Office_Products}"
 OUT="${2:-workdirs/reproduce}"
 PYTHON="${PYTHON:-python}"
+ITEM_FORMAT="${ITEM_FORMAT:-sid}"
 K="${K:-20}"  # list length and beams; metrics at 1,3,5,10,20 <= K
 FORMAT="${FORMAT:-amazon18}"
+CF_MODEL="${CF_MODEL:-mix}"
+
+case "$ITEM_FORMAT" in
+  sid) SFT_CONFIG=configs/sft.py:office GRPO_CONFIG=configs/grpo.py:office
+       EXTRA=() GRPO_EXTRA=() ;;
+  title) SFT_CONFIG=configs/sft.py:tiny GRPO_CONFIG=configs/grpo.py:tiny
+         EXTRA=(--config.data.prompt.target_format=direct) GRPO_EXTRA=(--config.grpo.rollout=beam) ;;
+  *) echo "error: ITEM_FORMAT=$ITEM_FORMAT; expected sid or title" >&2; exit 2 ;;
+esac
 
 if [[ "$FORMAT" == amazon18 ]]; then
   for f in items.json valid.csv test.csv; do
     if [[ ! -f "$DATA_DIR/$f" ]]; then
-      echo "error: $DATA_DIR/$f not found; DATA_DIR must be an Amazon-2018-format folder" >&2
+      echo "error: $DATA_DIR/$f not found; DATA_DIR must be an Amazon-2018-format folder holding" \
+        "items.json, valid.csv and test.csv (info.txt optional: the items' semantic IDs), e.g. a" \
+        "category of the MiniOneRec repository's data/Amazon/; for other data use the JSONL" \
+        "format (docs/data.md) with FORMAT=jsonl" >&2
       exit 2
     fi
   done
 fi
 mkdir -p "$OUT"
 start=$SECONDS
-stage() { echo; echo "=== [$(( SECONDS - start ))s] $*"; }
+STAGE_NAMES=() STAGE_SECONDS=() current="" current_start=0
+end_stage() {
+  if [[ -n "$current" ]]; then
+    STAGE_NAMES+=("$current") STAGE_SECONDS+=($(( SECONDS - current_start )))
+  fi
+  current=""
+}
+# stage NAME DESCRIPTION...: closes the previous stage's clock, prints the timing line.
+stage() {
+  end_stage
+  current="$1" current_start=$SECONDS
+  shift
+  echo; echo "=== [$(( SECONDS - start ))s] $*"
+}
 
-DATA=("--config.data.format=$FORMAT" "--config.data.dir=$DATA_DIR"
-      --config.data.prompt.target_format=direct)
+DATA=("--config.data.format=$FORMAT" "--config.data.dir=$DATA_DIR" "${EXTRA[@]}")
+SFT_TRAIN=(${SFT_STEPS:+"--config.train.num_steps=$SFT_STEPS"})
+GRPO_TRAIN=(${GRPO_STEPS:+"--config.train.num_steps=$GRPO_STEPS"})
 
-stage "SFT -> $OUT/sft"
-"$PYTHON" scripts/train.py --config configs/sft.py:tiny "${DATA[@]}" "--config.workdir=$OUT/sft"
+if [[ "$ITEM_FORMAT" == sid ]]; then
+  if [[ "$FORMAT" == synthetic ]]; then
+    # SIDs are built from the data, so the synthetic data (otherwise generated by the SFT stage)
+    # must exist first; the same call the loaders make, with the runs' seed (0).
+    "$PYTHON" -c 'import sys; from recllm_jax.data.synthetic import ensure_synthetic
+ensure_synthetic(sys.argv[1], seed=0)' "$DATA_DIR"
+  fi
+  if [[ -f "$DATA_DIR/sids.tsv" ]]; then
+    echo "semantic IDs: $DATA_DIR/sids.tsv"
+  elif [[ "$FORMAT" == amazon18 && -f "$DATA_DIR/info.txt" ]]; then
+    echo "semantic IDs: the dataset's own, $DATA_DIR/info.txt"
+  elif [[ "$FORMAT" != amazon18 ]] && grep -qs '"sid"' "$DATA_DIR/catalog.jsonl"; then
+    echo "semantic IDs: the catalog's own (the sid field of $DATA_DIR/catalog.jsonl)"
+  else
+    stage sids "semantic IDs -> $DATA_DIR/sids.tsv"
+    "$PYTHON" scripts/build_sids.py --data_dir "$DATA_DIR" --format "$FORMAT"
+  fi
+fi
 
-stage "GRPO from $OUT/sft -> $OUT/grpo"
-"$PYTHON" scripts/train.py --config configs/grpo.py:tiny "${DATA[@]}" --config.grpo.rollout=beam \
-  "--config.init_from=$OUT/sft" "--config.workdir=$OUT/grpo"
+stage sft "SFT -> $OUT/sft"
+"$PYTHON" scripts/train.py --config "$SFT_CONFIG" "${DATA[@]}" "${SFT_TRAIN[@]}" \
+  "--config.workdir=$OUT/sft"
 
-stage "evaluate SFT on test"
-"$PYTHON" scripts/evaluate.py --config configs/sft.py:tiny "${DATA[@]}" \
+stage grpo "GRPO from $OUT/sft -> $OUT/grpo"
+"$PYTHON" scripts/train.py --config "$GRPO_CONFIG" "${DATA[@]}" "${GRPO_EXTRA[@]}" \
+  "${GRPO_TRAIN[@]}" "--config.init_from=$OUT/sft" "--config.workdir=$OUT/grpo"
+
+stage eval_sft "evaluate SFT on test"
+"$PYTHON" scripts/evaluate.py --config "$SFT_CONFIG" "${DATA[@]}" \
   "--config.workdir=$OUT/sft" --split test --k "$K"
 
-stage "evaluate GRPO on test"
-"$PYTHON" scripts/evaluate.py --config configs/grpo.py:tiny "${DATA[@]}" \
+stage eval_grpo "evaluate GRPO on test"
+"$PYTHON" scripts/evaluate.py --config "$GRPO_CONFIG" "${DATA[@]}" \
   "--config.init_from=$OUT/sft" "--config.workdir=$OUT/grpo" --split test --k "$K"
 
-# CF-guided decoding (D3, docs/evaluation.md): the same checkpoints with a Markov + SASRec prior
-# mixed into the beam (weight chosen on Office's valid split); files tagged "cf".
-CF=(--cf_model "${CF_MODEL:-mix}" --cf_weight "${CF_WEIGHT:-256}" --tag cf)
-stage "evaluate SFT on test, CF-guided"
-"$PYTHON" scripts/evaluate.py --config configs/sft.py:tiny "${DATA[@]}" \
-  "--config.workdir=$OUT/sft" --split test --k "$K" "${CF[@]}"
-
-stage "evaluate GRPO on test, CF-guided"
-"$PYTHON" scripts/evaluate.py --config configs/grpo.py:tiny "${DATA[@]}" \
-  "--config.init_from=$OUT/sft" "--config.workdir=$OUT/grpo" --split test --k "$K" "${CF[@]}"
-
-stage "baselines on test"
+stage baselines "baselines on test (and the CF models, saved in $OUT/baselines)"
 "$PYTHON" scripts/baselines.py "--config.data.format=$FORMAT" "--config.data.dir=$DATA_DIR" \
   "--config.workdir=$OUT/baselines" --split test
 
-stage "results"
+# CF-guided decoding (D3, docs/evaluation.md): the same checkpoints with a Markov + SASRec prior
+# mixed into the beam (weight chosen on Office's valid split); files tagged "cf". The prior is
+# the baselines' fit, loaded from OUT/baselines (scripts/evaluate.py --cf_from).
+CF=(--cf_model "$CF_MODEL" --cf_weight "${CF_WEIGHT:-256}" --cf_from "$OUT/baselines" --tag cf)
+stage eval_sft_cf "evaluate SFT on test, CF-guided"
+"$PYTHON" scripts/evaluate.py --config "$SFT_CONFIG" "${DATA[@]}" \
+  "--config.workdir=$OUT/sft" --split test --k "$K" "${CF[@]}"
+
+stage eval_grpo_cf "evaluate GRPO on test, CF-guided"
+"$PYTHON" scripts/evaluate.py --config "$GRPO_CONFIG" "${DATA[@]}" \
+  "--config.init_from=$OUT/sft" "--config.workdir=$OUT/grpo" --split test --k "$K" "${CF[@]}"
+
+stage results "results"
 "$PYTHON" scripts/plot.py --workdir "$OUT/sft"
 "$PYTHON" scripts/plot.py --workdir "$OUT/grpo"
 "$PYTHON" scripts/results_table.py --out "$OUT" --data_dir "$DATA_DIR" --data_format "$FORMAT" \
   --model "sft=$OUT/sft/eval_test.json" --model "grpo=$OUT/grpo/eval_test.json" \
   --model "sft+cf=$OUT/sft/eval_test_cf.json" --model "grpo+cf=$OUT/grpo/eval_test_cf.json" \
-  --model "cf prior alone=$OUT/grpo/eval_test_cf_${CF_MODEL:-mix}.json" \
+  --model "cf prior alone=$OUT/grpo/eval_test_cf_$CF_MODEL.json" \
   --baselines "$OUT/baselines/baselines_test.json" --title "${TITLE:-$(basename "$DATA_DIR"), test}" \
   ${EXAMPLES:+--examples "$EXAMPLES" --predictions "$OUT/grpo/predictions_test.jsonl"}
-echo "reproduce.sh: done in $(( SECONDS - start ))s ($DATA_DIR -> $OUT)"
+end_stage
+
+total=$(( SECONDS - start ))
+echo
+printf '%-14s %8s\n' stage seconds
+json="{"
+for i in "${!STAGE_NAMES[@]}"; do
+  printf '%-14s %8d\n' "${STAGE_NAMES[$i]}" "${STAGE_SECONDS[$i]}"
+  json+="\"${STAGE_NAMES[$i]}\": ${STAGE_SECONDS[$i]}, "
+done
+printf '%-14s %8d\n' total "$total"
+echo "$json\"total\": $total}" > "$OUT/stage_times.json"
+echo "reproduce.sh: done in ${total}s ($DATA_DIR -> $OUT, items as $ITEM_FORMAT; stage times in" \
+  "$OUT/stage_times.json)"

@@ -74,6 +74,39 @@ class CFPrior:
     with np.errstate(divide="ignore"):
       return np.log(self.probs(examples))  # [N, I]
 
+  def chunked(self, examples: Sequence[Example], chunk: int = 512) -> CFPrior:
+    """This prior for batches drawn from ``examples`` (the same objects, any order), computed
+    ``chunk`` examples at a time.
+
+    Why: the beam asks for one prompt batch at a time (32 rows), and SASRec scores in batches
+    of 512 (one compiled shape), so each beam batch paid for 512 rows: 6.5 s of host time per
+    Office test pass for `mix`, against 1 s chunked. The values are the same bits: each row is
+    computed by the same 512-row program, and nothing mixes rows. The two newest chunks are
+    kept (a beam batch may straddle two); examples not in ``examples`` are computed directly.
+    """
+    if chunk < 1:
+      raise ValueError(f"chunk must be >= 1, got {chunk}")
+    position = {id(ex): i for i, ex in enumerate(examples)}
+    cache: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
+
+    def rows_of(start: int) -> np.ndarray:
+      if start not in cache:
+        cache[start] = self.probs(examples[start:start + chunk])  # [<=chunk, I]
+        while len(cache) > 2:
+          cache.popitem(last=False)
+      return cache[start]
+
+    def probs(batch: Sequence[Example]) -> np.ndarray:
+      where = [position.get(id(ex)) for ex in batch]
+      if any(i is None or examples[i] is not ex for i, ex in zip(where, batch)):
+        return self.probs(batch)
+      out = np.empty((len(batch), len(self.item_ids)), np.float64)  # [N, I]
+      for row, i in enumerate(where):
+        out[row] = rows_of(i - i % chunk)[i % chunk]
+      return out
+
+    return CFPrior(self.name, self.item_ids, probs)
+
   def recommend(self, examples: Sequence[Example], k: int) -> list[list[str]]:
     """Top-``k`` ids per example by the prior alone (ties: catalog order): the CF-only ablation."""
     probs = self.probs(examples)  # [N, I]

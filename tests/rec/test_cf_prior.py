@@ -108,3 +108,15 @@ def test_loading_refuses_other_data_another_config_or_a_missing_sasrec(tmp_path)
     load_cf_models(tmp_path / "nowhere", DATASET)
   with pytest.raises(ConfigError, match="needs SASRec"):
     prior_from_models("mix", load_cf_models(tmp_path / "markov", DATASET))
+
+
+def test_chunked_prior_gives_the_same_bits_for_any_batches():
+  # scripts/evaluate.py hands the beam a chunked prior (SASRec scores 512 rows at a time).
+  prior = fit_prior("mix", DATASET, smoothing=0.2, sasrec=TINY)
+  examples = [_ex("a", "e"), _ex("d"), _ex(), _ex("f", "b", "c"), _ex("b")]
+  chunked = prior.chunked(examples, chunk=2)
+  foreign = _ex("a", "e")  # equal, but not one of `examples`: computed directly
+  for batch in ([examples[0], examples[1]], [examples[1], examples[2], examples[2]],
+                [examples[4], examples[0], foreign], examples):
+    np.testing.assert_array_equal(chunked(batch), prior(batch))
+  assert chunked.recommend(examples, 3) == prior.recommend(examples, 3)
