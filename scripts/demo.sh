@@ -12,8 +12,8 @@
 #
 # Environment (each passed on to scripts/reproduce.sh; see its header for the rest):
 #   ITEM_FORMAT  sid (default) | title (the title pipeline, configs :tiny)
-#   SFT_STEPS    SFT steps (default here 300 for sid: the office preset's 1200 steps of 32 whole
-#                user sequences take about 4 times the demo's budget on 2 cores)
+#   SFT_STEPS    SFT steps (default here 300 for sid, half the office preset's 600: the synthetic
+#                data has 400 user sequences, and the demo keeps within its 10-minute budget)
 #   GRPO_STEPS   GRPO steps (default here 20 for sid, half the office preset's 40)
 #   CF_MODEL     CF prior of the CF-guided rows (default here markov: no SASRec needed)
 set -euo pipefail

@@ -33,7 +33,7 @@
 #   ITEM_FORMAT  sid (default) | title: how items are written (data.item_format)
 #   K            list length and beams (default 20; metrics at 1,3,5,10,20 <= K)
 #   FORMAT       data.format (default amazon18; scripts/demo.sh sets synthetic)
-#   SFT_STEPS    SFT train.num_steps (default: the preset's, 1200 for sid, 300 for title)
+#   SFT_STEPS    SFT train.num_steps (default: the preset's, 600 for sid, 300 for title)
 #   GRPO_STEPS   GRPO train.num_steps (default: the preset's, 40 for sid, 30 for title)
 #   CF_MODEL     CF prior of the CF-guided rows: mix (default) | markov | sasrec
 #   CF_WEIGHT    its weight in the beam score (default 256, chosen on Office's valid split)
