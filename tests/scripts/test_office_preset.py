@@ -15,8 +15,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 OFFICE = (REPO / ".." / "shared" / "data" / "amazon18" / "Office_Products").resolve()
 
-pytestmark = pytest.mark.skipif(not (OFFICE / "valid.csv").is_file(),
-                                reason="Amazon Office_Products data not available")
+# slow: three processes, ~30 s on an idle 2-core machine (`pytest -m slow`).
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not (OFFICE / "valid.csv").is_file(),
+                                 reason="Amazon Office_Products data not available")]
 
 
 def _run(script: str, preset: str, *args: str) -> subprocess.CompletedProcess:
