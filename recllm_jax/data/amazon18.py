@@ -36,6 +36,7 @@ ITEMS_FILE = "items.json"
 VALID_FILE = "valid.csv"
 TEST_FILE = "test.csv"
 INFO_FILE = "info.txt"  # optional: the published semantic IDs
+VALID_HOLDOUTS = ("last_row", "users")
 
 
 def _read_items(path: Path) -> Catalog:
@@ -156,6 +157,7 @@ def read_amazon18(
   min_history: int = 1,
   max_history: int | None = None,
   valid_fraction: float = 0.1,
+  valid_holdout: str = "last_row",
 ) -> RecDataset:
   """Read the Amazon-2018 sequential split (``items.json``, ``valid.csv``, ``test.csv``).
 
@@ -167,8 +169,15 @@ def read_amazon18(
   excluded from training; since it is the user's latest event in that file,
   no training example sees its target. ``test`` is ``test.csv`` verbatim
   (all of it is later in time than ``valid.csv``).
+
+  ``valid_holdout``: ``"last_row"`` trains on the held-out users' earlier rows (their valid
+  row's history is then a sequence seen in training); ``"users"`` holds those users out
+  entirely, which is what test rows look like (histories never trained on), so it is the split
+  to choose settings on for models that can memorise users.
   """
   check_limits(min_history, max_history)
+  if valid_holdout not in VALID_HOLDOUTS:
+    raise ValueError(f"valid_holdout must be one of {VALID_HOLDOUTS}, got {valid_holdout!r}")
   if not 0.0 <= valid_fraction < 1.0:
     raise ValueError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
   root = Path(data_dir)
@@ -191,6 +200,8 @@ def read_amazon18(
   train: list[Example] = []
   seen: set[tuple[str, tuple[str, ...], str]] = set(held_keys)
   for row in valid_rows:
+    if valid_holdout == "users" and row.user_id in held_out:
+      continue  # the held-out users' sequences are never trained on
     sequence = row.history + (row.target,)
     for t in range(min_history, len(sequence)):
       ex = example_at(row.user_id, sequence, t)

@@ -56,6 +56,7 @@ def load_dataset(
   min_history: int = 1,
   max_history: int | None = None,
   valid_fraction: float = 0.1,
+  valid_holdout: str = "last_row",
   seed: int = 0,
 ) -> RecDataset:
   """Load a dataset directory in any supported format.
@@ -65,7 +66,7 @@ def load_dataset(
   with the same seed by the same generator version and regenerating it
   (with a warning) otherwise (see :func:`~recllm_jax.data.synthetic.ensure_synthetic`),
   then reads it as JSONL, so configs can point at a cache directory and get
-  the same data on every host. ``valid_fraction`` only affects ``amazon18``. ``min_history`` drops
+  the same data on every host. ``valid_fraction`` and ``valid_holdout`` only affect ``amazon18``. ``min_history`` drops
   examples with shorter histories from every split; ``max_history`` keeps
   only the newest events of each history.
   """
@@ -85,6 +86,7 @@ def load_dataset(
       min_history=min_history,
       max_history=max_history,
       valid_fraction=valid_fraction,
+      valid_holdout=valid_holdout,
     )
   return read_jsonl(root, on_bad_data=on_bad_data, min_history=min_history, max_history=max_history)
 
@@ -105,5 +107,7 @@ def load_run_data(config: Any, workdir: str | os.PathLike[str]) -> tuple[RecData
   """
   root = data_dir(config, workdir)
   dataset = load_dataset(root, config.data.format, on_bad_data=config.data.on_bad_data,
-                         valid_fraction=config.data.get("valid_fraction", 0.1), seed=config.seed)
+                         valid_fraction=config.data.get("valid_fraction", 0.1),
+                         valid_holdout=config.data.get("valid_holdout", "last_row"),
+                         seed=config.seed)
   return dataset, make_codec(config.data.get("item_format", "title"), dataset.catalog, root)

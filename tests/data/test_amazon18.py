@@ -110,3 +110,19 @@ def test_amazon_reader_errors_and_dedup(tmp_path):
   assert ds.skipped == 2 and len(ds.train) == 2
   with pytest.raises(DataError, match=r"valid\.csv: no usable train examples"):
     read_amazon18(_fake_amazon(tmp_path / "empty", []))
+
+
+def test_valid_holdout_users_keeps_the_held_out_users_out_of_training(tmp_path):
+  rows = [f'u{u},"[\'One\']",Two,[1],2,x,y' for u in range(40)]
+  rows += [f'u{u},"[\'One\', \'Two\']",Three,"[1, 2]",3,x,y' for u in range(40)]
+  root = _fake_amazon(tmp_path / "ds", rows)
+  last = read_amazon18(root, valid_fraction=0.5)
+  users = read_amazon18(root, valid_fraction=0.5, valid_holdout="users")
+  held = {ex.user_id for ex in last.valid}
+  assert held == {ex.user_id for ex in users.valid} and 0 < len(held) < 40
+  # last_row: a held-out user's earlier row (1 -> 2) still trains; users: none of their rows do.
+  assert held & {ex.user_id for ex in last.train} == held
+  assert not held & {ex.user_id for ex in users.train}
+  assert {ex.user_id for ex in users.train} == {f"u{u}" for u in range(40)} - held
+  with pytest.raises(ValueError, match="valid_holdout"):
+    read_amazon18(root, valid_holdout="rows")
