@@ -22,7 +22,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-from configs.sft import base_config, from_preset
+from configs.sft import base_config, from_preset, office_data
 
 
 def grpo_base() -> ml_collections.ConfigDict:
@@ -133,14 +133,9 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def office(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """GRPO of a `configs/sft.py:office` SID model, MiniOneRec-style: the group is the G best
   distinct items of a constrained beam search, rewarded for the target and its rank."""
-  c = tiny(c)
+  c = office_data(tiny(c))
   c.workdir = "/tmp/recllm_grpo_office"
   c.init_from = "/tmp/recllm_sft_office"  # the default workdir of configs/sft.py:office
-  c.data.format = "amazon18"
-  c.data.item_format = "sid"
-  c.data.prompt.target_format = "direct"
-  c.data.prompt.history_attributes = ()
-  c.data.prompt.max_history_tokens = 200
   c.grpo.rollout = "beam"
   c.grpo.num_generations = 16  # MiniOneRec: 16 distinct items per prompt
   c.grpo.max_new_tokens = 8  # a SID is 3-4 tokens, then EOS

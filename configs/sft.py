@@ -171,20 +171,26 @@ def paper(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-def office(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The model alone on Amazon-2018 data on a 2-core CPU: a random-init tiny Qwen2 that writes
-  items as semantic IDs, trained on each user's whole sequence (the loss on every history item,
-  not only the target). Settings from the sweep in docs/results.md (valid.csv-derived rows)."""
-  c = tiny(c)
-  c.workdir = "/tmp/recllm_sft_office"
+def office_data(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The data and prompt settings of the `office` presets, shared by configs/grpo.py:office so
+  that GRPO renders exactly the prompts its SFT checkpoint was trained on."""
   c.data.format = "amazon18"
   c.data.item_format = "sid"
-  c.data.history_loss = True
-  c.data.user_sequences = True
   c.data.max_length = 256
   c.data.prompt.target_format = "direct"  # evaluation ranks by constrained beam over bare SIDs
   c.data.prompt.history_attributes = ()  # a SID already says what the item is like
   c.data.prompt.max_history_tokens = 200
+  return c
+
+
+def office(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The model alone on Amazon-2018 data on a 2-core CPU: a random-init tiny Qwen2 that writes
+  items as semantic IDs, trained on each user's whole sequence (the loss on every history item,
+  not only the target). Settings from the sweep in docs/results.md (valid.csv-derived rows)."""
+  c = office_data(tiny(c))
+  c.workdir = "/tmp/recllm_sft_office"
+  c.data.history_loss = True
+  c.data.user_sequences = True
   c.model.tokenizer_vocab_size = 1024  # the prompt wording; the SID codes are added tokens
   # Without dropout the model overfits after ~8 epochs; dropout 0.1 and a 600-step cosine
   # schedule won the sweep on the valid rows (docs/results.md).
