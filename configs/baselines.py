@@ -28,6 +28,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.dir = ""  # empty with format=synthetic: generated into <workdir>/data
   c.data.format = "auto"  # auto | jsonl | amazon18 | synthetic
   c.data.on_bad_data = "error"  # error | skip
+  # amazon18's valid split, as in configs/sft.py: compare baselines with a model on the same rows.
+  c.data.valid_fraction = 0.1
+  c.data.valid_holdout = "last_row"  # last_row | users
 
   c.popularity = ml_collections.ConfigDict()
   c.popularity.exclude_history = False  # the published Amazon protocol keeps history items

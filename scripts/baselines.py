@@ -43,13 +43,12 @@ def parse_baseline_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> None:
   start_script(argv)
   # Imported after flag parsing so that --help stays fast.
-  from recllm_jax.data import load_dataset
   from recllm_jax.errors import ConfigError, UserError
   from recllm_jax.rec.baselines import SASRecConfig, parse_baselines, run_baselines
   from recllm_jax.rec.cf_prior import fit_cf_models, save_cf_models
   from recllm_jax.rec.metrics import format_table
   from recllm_jax.train.checks import expand_paths
-  from recllm_jax.data.loading import data_dir
+  from recllm_jax.data.loading import load_run_data
 
   config = load_config()
   split = _SPLIT.value
@@ -63,8 +62,7 @@ def main(argv: list[str]) -> None:
       raise ConfigError(f"markov.backoff must be >= 1, got {config.markov.backoff}")
     if not config.ks or min(config.ks) < 1:
       raise ConfigError(f"ks must be positive cut-offs, got {config.ks}")
-    dataset = load_dataset(data_dir(config, workdir), config.data.format,
-                           on_bad_data=config.data.on_bad_data, seed=config.seed)
+    dataset, _ = load_run_data(config, workdir)
     fitted: dict = {}
     results = run_baselines(dataset, split, names, ks=config.ks, sasrec=sasrec,
                             markov_backoff=config.markov.backoff,
