@@ -9,7 +9,9 @@
 Every SFT arm is trained once per seed (`scripts/train.py --config.seed=S`) and evaluated on
 `--split` (`scripts/evaluate.py`, plain constrained beam: the model alone); every GRPO arm then
 continues each of those SFT runs (`--config.init_from=<its SFT workdir>`) and is evaluated the
-same way. An arm is a name followed by `key=value` overrides of its stage's config; `--set`
+same way. An arm is a name followed by `key=value` overrides of its stage's config (and
+optionally `config=FILE[:preset]`, that arm's own config file instead of `--sft_config` /
+`--grpo_config`, e.g. `"mo config=configs/grpo.py:minionerec"`); `--set`
 overrides reach every run (train and eval, both stages). Up to `--parallel` runs go at once:
 more than one only pays on an accelerator or a many-core host (on GPUs each process then
 allocates on demand instead of taking 75% of the memory).
@@ -51,6 +53,7 @@ BASELINE_KEYS = ("seed", "data.dir", "data.format", "data.on_bad_data", "data.va
 class Arm:
   name: str
   overrides: tuple[str, ...]  # "key=value"
+  config: str | None = None  # `config=FILE[:preset]` in the arm: its own config, not --*_config
 
 
 @dataclasses.dataclass
@@ -79,7 +82,9 @@ def parse_arm(text: str) -> Arm:
   for o in overrides:
     if "=" not in o or o.startswith("-"):
       raise ValueError(f"arm {name!r}: override {o!r} is not key=value (without --config.)")
-  return Arm(name, tuple(overrides))
+  config = [o.split("=", 1)[1] for o in overrides if o.startswith("config=")]
+  return Arm(name, tuple(o for o in overrides if not o.startswith("config=")),
+             config[-1] if config else None)
 
 
 def config_flags(overrides) -> list[str]:
@@ -93,11 +98,11 @@ def plan_runs(args: argparse.Namespace) -> tuple[list[Run], dict[int, list[Run]]
   for arm in args.sft_arm:
     for seed in args.seeds:
       root = args.out / arm.name / f"seed{seed}"
-      sft = Run("sft", arm.name, None, seed, root / "sft", args.sft_config,
+      sft = Run("sft", arm.name, None, seed, root / "sft", arm.config or args.sft_config,
                 [*common, *config_flags(arm.overrides), f"--config.seed={seed}",
                  f"--config.workdir={root / 'sft'}"])
       followers[len(sft_runs)] = [
-          Run("grpo", arm.name, g.name, seed, root / f"grpo_{g.name}", args.grpo_config,
+          Run("grpo", arm.name, g.name, seed, root / f"grpo_{g.name}", g.config or args.grpo_config,
               [*common, *config_flags(g.overrides), f"--config.seed={seed}",
                f"--config.init_from={root / 'sft'}", f"--config.workdir={root / f'grpo_{g.name}'}"],
               init_from=root / "sft")

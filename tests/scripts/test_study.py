@@ -44,6 +44,8 @@ def fake_runs(monkeypatch):
 def test_parse_arm():
   assert study.parse_arm("d2 model.dropout=0.2 data.align_tasks=title2item,item2title") == \
       study.Arm("d2", ("model.dropout=0.2", "data.align_tasks=title2item,item2title"))
+  assert study.parse_arm("mo config=configs/grpo.py:minionerec grpo.beta=0") == \
+      study.Arm("mo", ("grpo.beta=0",), "configs/grpo.py:minionerec")
   with pytest.raises(ValueError, match="not key=value"):
     study.parse_arm("d2 --config.model.dropout=0.2")
   with pytest.raises(ValueError, match="arm name"):
@@ -54,12 +56,15 @@ def test_grpo_continues_its_own_seeds_sft_and_the_table_has_hand_computed_values
     tmp_path, fake_runs, capsys):
   out = tmp_path / "study"
   argv = ["--out", str(out), "--set", "data.dir=/d", "--sft_arm", "base",
-          "--sft_arm", "d2 model.dropout=0.2", "--grpo_arm", "g lr=1", "--seeds", "0,1"]
+          "--sft_arm", "d2 model.dropout=0.2", "--grpo_arm", "g lr=1 config=configs/grpo.py:x",
+          "--seeds", "0,1"]
   assert study.main(argv) == 0
   train = [c for c in fake_runs if c[1].endswith("train.py")]
   assert len(train) == 8  # 2 arms x 2 seeds x (SFT + GRPO)
   for cmd in train:
     assert "--config.data.dir=/d" in cmd
+    assert cmd[3] == ("configs/grpo.py:x" if Path(_flag(cmd, "workdir")).name != "sft"
+                      else "configs/sft.py:office")
     if _flag(cmd, "workdir").endswith("grpo_g"):
       # The GRPO run of seed S starts from the SFT run of the same arm and seed.
       assert _flag(cmd, "init_from") == str(Path(_flag(cmd, "workdir")).parent / "sft")
