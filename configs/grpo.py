@@ -9,6 +9,8 @@ Presets:
           --config.init_from=/path/to/sft_workdir --config.data.dir=/path/to/amazon18/Office_Products
   tiny    a CPU smoke run from a `configs/sft.py:tiny` workdir on synthetic data (minutes).
   office  beam-rollout GRPO of a `configs/sft.py:office` semantic-ID model (scripts/reproduce.sh).
+  minionerec  `office` under MiniOneRec's GRPO recipe (rl.sh): rewards rule + ndcg_rule, the
+          reference synced to the policy, cosine LR with warm-up, max_grad_norm 0.3.
 
 Contract keys (used by scripts and docs): init_from, train.batch_size (prompts; rows =
 prompts x G), train.num_steps, grpo.num_generations, grpo.beta, grpo.epsilon_low,
@@ -57,6 +59,21 @@ def grpo_base() -> ml_collections.ConfigDict:
   g.num_samples_logged = 4
   g.eval_prompts = 64  # held-out prompts for `val_reward` (greedy)
   g.fuzzy_cutoff = 0.9  # title grounding: exact, normalised, then fuzzy >= this ratio
+  # Reference sync (TRL's sync_ref_model; MiniOneRec's rl.sh turns it on): after every N-th
+  # step, ref = alpha * policy + (1 - alpha) * ref. 0 = a frozen reference (init_from).
+  # Needs beta > 0. TRL's own defaults are 512 steps, alpha 0.6; alpha 1.0 here = hard copy.
+  # The synced reference is saved with every checkpoint, so resumes are exact.
+  g.ref_sync_every = 0
+  g.ref_sync_alpha = 1.0  # in (0, 1]
+  # Dynamic sampling (DAPO, Yu et al. 2025): drop groups whose rewards are all equal (no
+  # signal) and refill the batch with further prompts' groups, at most this many extra
+  # rollout rounds per step; the update always sees exactly train.batch_size groups (too few
+  # with signal: the earliest zero-signal groups fill in). Logged as dynamic/*.
+  g.dynamic_sampling = False
+  g.dynamic_sampling_max_rounds = 3
+  # MiniOneRec's add_gt (off in its rl.sh): in a beam group without the target, the lowest-
+  # ranked beam (rank G-1) is replaced by the target item. beam rollouts only.
+  g.add_gt = False
 
   # Composite reward: weight per registered reward (recllm_jax.rec.rewards); 0 disables one.
   r = c.rewards = ml_collections.ConfigDict()
@@ -64,7 +81,9 @@ def grpo_base() -> ml_collections.ConfigDict:
   r.hit = 1.0
   r.ndcg = 1.0
   r.recall = 0.0
-  r.rank_aware = 0.0  # MiniOneRec's rank penalty; meaningful with grpo.rollout='beam'
+  r.rank_aware = 0.0  # MiniOneRec's rank penalty (Hit@K hits); meaningful with rollout='beam'
+  r.rule = 0.0  # MiniOneRec's rule_reward: 1 if the answer is exactly the target (= hit for beams)
+  r.ndcg_rule = 0.0  # MiniOneRec's ndcg_rule_reward, exactly (exact-answer hits); see docs/grpo.md
   r.diversity = 0.0
   r.novelty = 0.0
   r.business = 0.0
@@ -156,7 +175,36 @@ def office(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-PRESETS = {"": paper, "paper": paper, "tiny": tiny, "office": office}
+def minionerec(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`office` (same data, prompts, SFT init, beam rollouts, G=16, beta 1e-3) under MiniOneRec's
+  GRPO recipe (MiniOneRec's rl.sh and rl.py, as in the fork github.com/wilkinszhang/MiniOneRec):
+  reward_type="ranking" = rule + ndcg_rule, sync_ref_model,
+  temperature 1.0, cosine LR with warm-up (warmup_ratio 0.03), max_grad_norm 0.3."""
+  c = office(c)
+  c.workdir = "/tmp/recllm_grpo_minionerec"
+  c.rewards.hit = 0.0
+  c.rewards.rank_aware = 0.0
+  c.rewards.rule = 1.0
+  c.rewards.ndcg_rule = 1.0
+  # MiniOneRec syncs with TRL's defaults (every 512 steps, alpha 0.6) over ~2 epochs of its
+  # data; a 40-step run would never reach step 512, so every 10 steps here (4 syncs), with
+  # TRL's alpha 0.6.
+  c.grpo.ref_sync_every = 10
+  c.grpo.ref_sync_alpha = 0.6
+  c.grpo.temperature = 1.0
+  c.grpo.top_p = 1.0
+  c.grpo.add_gt = False  # MiniOneRec's default
+  c.grpo.dynamic_sampling = False  # MiniOneRec's rl.sh
+  # Cosine to 0 after a linear warm-up of ~3% of the run (2 of 40 steps); lr as `office`
+  # (MiniOneRec's 1e-5 is for a 1.5B+ model; the office SID model is tiny).
+  c.train.lr = 1e-4
+  c.train.warmup_steps = 2
+  c.train.min_lr_ratio = 0.0
+  c.train.max_grad_norm = 0.3
+  return c
+
+
+PRESETS = {"": paper, "paper": paper, "tiny": tiny, "office": office, "minionerec": minionerec}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -56,6 +56,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.remat = False
   # Residual dropout in SFT (random-init presets; Qwen2Config.dropout): for small data.
   c.model.dropout = 0.0
+  # Attention kernel (Qwen2Config.attention): xla (einsum) | cudnn | splash | auto (cudnn on GPU,
+  # splash on TPU, xla on CPU).
+  c.model.attention = "auto"
+  # LoRA (recllm_jax/models/lora.py): rank 0 = full fine-tuning; rank r > 0 freezes the base and
+  # trains rank-r adapters (alpha / rank scaling) on the comma-separated projections `targets`
+  # (a subset of q,k,v,o,gate,up,down). Checkpoints then hold only the adapters; exports merge them.
+  c.model.lora = ml_collections.ConfigDict()
+  c.model.lora.rank = 0
+  c.model.lora.alpha = 16.0
+  c.model.lora.targets = "q,k,v,o,gate,up,down"
   for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads"):
     c.model[key] = 0  # 0 = the preset's value (random init only)

@@ -18,7 +18,8 @@ Derived from those: gradients (params-shaped; a second copy accumulates micro-ba
 GRPO reference model (a params copy, only when `grpo.beta > 0`).
 Estimated by formula (see `layer_activation_bytes`, `lm_head_bytes`, `rollout_work_bytes`):
 activations with and without remat, the chunked LM head's logits, and the rollout's prefill and
-sampling buffers. XLA's own temporaries (fusion outputs, collective buffers) are not modelled.
+sampling buffers; attention scores follow `model.attention` (`attention_bytes`: a fused kernel
+never writes them). XLA's own temporaries (fusion outputs, collective buffers) are not modelled.
 
 A GRPO step has two phases that never overlap: the rollout (KV cache, no gradients) and the
 update (gradients, activations, logits). The peak is the persistent state (params, optimizer,
@@ -42,8 +43,8 @@ from jax.sharding import AbstractMesh, NamedSharding
 
 from recllm_jax import buckets, sharding
 from recllm_jax.errors import ConfigError, UserError
-from recllm_jax.models import PRESETS, Qwen2ForCausalLM, vocab_size_for
-from recllm_jax.models.config import Qwen2Config
+from recllm_jax.models import PRESETS, Qwen2ForCausalLM, fused_attention, vocab_size_for
+from recllm_jax.models.config import Qwen2Config, resolve_attention
 from recllm_jax.models.qwen2 import CACHE_AXES, KVCache
 from recllm_jax.train import build, optim
 
@@ -66,11 +67,18 @@ class Device:
   def is_gpu(self) -> bool:
     return not self.label.startswith("TPU")
 
+  @property
+  def platform(self) -> str:
+    """`jax.default_backend()` on this device: what `model.attention='auto'` resolves against."""
+    return "gpu" if self.is_gpu else "tpu"
+
 
 # Visible memory per chip. GPUs: what the driver reports (nvidia-smi), a little under the
 # datasheet's decimal GB; JAX itself preallocates 75% of it unless XLA_PYTHON_CLIENT_MEM_FRACTION
 # says otherwise. TPUs: the HBM per chip.
 DEVICES: dict[str, Device] = {
+    "gpu-24gb": Device("24GB GPU", int(22.49 * GiB),
+                       "L4 / A10 24 GB: 23,034 MiB visible (RTX 3090/4090: 24,564 MiB)"),
     "h100-80gb": Device("H100-80GB", int(79.6 * GiB), "80 GB HBM3; 81,559 MiB visible"),
     "h200": Device("H200", int(140.4 * GiB), "141 GB HBM3e; 143,771 MiB visible"),
     "tpu-v5e": Device("TPU v5e", 16 * GiB, "16 GiB HBM2e per chip"),
@@ -117,9 +125,9 @@ def _grown(cfg: Qwen2Config, tokenizer_dir: str | Path | None, new_tokens: int,
   return cfg.replace(vocab_size=rows), f", vocab grown for {how} + {new_tokens} added"
 
 
-def model_config_for(config: ml_collections.ConfigDict,
-                     new_tokens: int = 0) -> tuple[Qwen2Config, str]:
-  """(architecture of the run with its dtypes and remat, where the architecture came from).
+def model_config_for(config: ml_collections.ConfigDict, new_tokens: int = 0,
+                     platform: str | None = None) -> tuple[Qwen2Config, str]:
+  """(architecture of the run with its dtypes, remat and attention, where it came from).
 
   Like `build.build_model`, but from config files only: `init_from` (an HF directory's
   config.json, or a workdir's saved run config, followed back to its root), `model.hf_path`'s
@@ -133,9 +141,13 @@ def model_config_for(config: ml_collections.ConfigDict,
   their tokenizer (`model.tokenizer_path` or the HF directory's, else R1's 151665 tokens), and
   the embedding then grows as `build_model` grows it (only past the checkpoint's spare rows, to a
   multiple of 64). A trained workdir's checkpoint already holds its rows: they are read from it.
+
+  `model.attention='auto'` resolves for `platform` (the planned device's; default: this
+  process's backend), so a plan made on a CPU host for a GPU counts the GPU's kernel.
   """
   m = config.model
-  numerics = {"param_dtype": m.param_dtype, "dtype": m.dtype, "remat": bool(m.remat)}
+  numerics = {"param_dtype": m.param_dtype, "dtype": m.dtype, "remat": bool(m.remat),
+              "attention": resolve_attention(m.get("attention", "auto"), platform)}
   init_from = config.get("init_from") or ""
   tokenizer_path = m.get("tokenizer_path") or ""
   if init_from:
@@ -143,7 +155,8 @@ def model_config_for(config: ml_collections.ConfigDict,
     if (path / "config.json").is_file() and (path / "checkpoints").is_dir():
       saved = build.read_run_config(path)
       cfg, source = model_config_for(ml_collections.ConfigDict(
-          {**saved.to_dict(), "model": {**saved.model.to_dict(), **numerics}}), new_tokens)
+          {**saved.to_dict(), "model": {**saved.model.to_dict(), **numerics}}), new_tokens,
+          platform)
       try:
         rows = build.saved_vocab_size(path, int(init_from.partition("@")[2] or 0) or None)
       except (OSError, ValueError, KeyError, UserError):
@@ -198,8 +211,10 @@ def abstract_train_state(cfg: Qwen2Config, optimizer: Any) -> optim.TrainState:
   """`optim.init_train_state`'s state as shapes (`jax.eval_shape`)."""
   params = abstract_params(cfg)
 
-  def init(p):  # `optim.init_train_state`'s state
-    return optim.TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p),
+  def init(p):  # `optim.init_train_state`'s state: moments for the trained params only
+    trainable = optim.split_trainable(p, optim.trainable_filter(cfg))[0]
+    return optim.TrainState(step=jnp.zeros((), jnp.int32), params=p,
+                            opt_state=optimizer.init(trainable),
                             rng=jax.random.key_data(jax.random.key(0)))
 
   return jax.eval_shape(init, params)
@@ -244,23 +259,50 @@ def kv_cache_bytes(cfg: Qwen2Config, rows: int, slots: int, mesh: AbstractMesh) 
 # --- estimates --------------------------------------------------------------------------------
 
 
+def attention_scores_materialised(cfg: Qwen2Config, query_len: int, *, causal: bool) -> bool:
+  """Whether `cfg.attention` runs the einsum, and so materialises the [B, K, G*T, S] scores, for
+  a call of `query_len` queries: `causal` = a forward without a KV cache (training, scoring),
+  else a prefill into a cache. Asks `fused_attention.fallback_reason`, as the model does."""
+  return fused_attention.fallback_reason(
+      cfg.attention, dtype=cfg.jnp_dtype, head_dim=cfg.head_dim, query_len=query_len,
+      causal=causal, prefix=False) is not None
+
+
+def attention_bytes(cfg: Qwen2Config, query_len: int, keys: int, *, causal: bool) -> int:
+  """Bytes per query token one layer's attention holds besides q, k, v and its output.
+
+  The einsum: (4 + c)*H*S, the fp32 probabilities over the S = `keys` slots and their
+  compute-dtype copy. A fused kernel (`cfg.attention` 'cudnn' or 'splash', where it serves the
+  call) never writes the scores: it keeps 4*H, an fp32 log-sum-exp per head for its backward,
+  and cuDNN also c*S, the mask it reads as a [B, 1, T, S] compute-dtype bias.
+  """
+  c = jnp.dtype(cfg.dtype).itemsize
+  h = cfg.num_attention_heads
+  if attention_scores_materialised(cfg, query_len, causal=causal):
+    return (4 + c) * h * keys
+  return 4 * h + (c * keys if cfg.attention == "cudnn" else 0)
+
+
 def layer_activation_bytes(cfg: Qwen2Config, seq_len: int) -> int:
   """Bytes one decoder layer keeps for its backward pass, per token, without remat.
 
   c = compute-dtype bytes (2 for bf16), fp32 = 4; D hidden, F MLP, H / K query / KV heads,
-  Dh head width, T = `seq_len` keys per query (attention is materialised, no flash kernel):
+  Dh head width, T = `seq_len` keys per query:
 
       c*D            layer input
     + 2*(4 + c)*D    two RMSNorms: the fp32 input and the normalised output
     + c*(H + 2K)*Dh  q, k, v after RoPE
-    + (4 + c)*H*T    attention probabilities, fp32 and their compute-dtype copy
+    + A              attention scores, `attention_bytes`: (4 + c)*H*T for the einsum
+                     (probabilities, fp32 and their compute-dtype copy), 4*H (+ c*T for
+                     cuDNN's mask) for a fused kernel
     + c*H*Dh + c*D   attention output (o_proj input) and the residual after attention
     + 3*c*F          MLP gate, up and silu(gate)*up (down_proj input)
   """
   c = jnp.dtype(cfg.dtype).itemsize
   d, f, h, k, dh = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
                     cfg.num_key_value_heads, cfg.head_dim)
-  return (c * d + 2 * (4 + c) * d + c * (h + 2 * k) * dh + (4 + c) * h * seq_len
+  return (c * d + 2 * (4 + c) * d + c * (h + 2 * k) * dh
+          + attention_bytes(cfg, seq_len, seq_len, causal=True)
           + c * h * dh + c * d + 3 * c * f)
 
 
@@ -279,20 +321,38 @@ def activation_bytes(cfg: Qwen2Config, tokens: int, seq_len: int, remat: bool) -
 
 
 def lm_head_bytes(cfg: Qwen2Config, rows: int, positions: int, chunk: int, *,
-                  with_entropy: bool, vocab_shards: int = 1) -> int:
+                  with_entropy: bool, vocab_shards: int = 1, head_grad: bool = True) -> int:
   """The chunked LM head of `train.logprobs` for `rows` rows of one device.
 
   Logits exist for one chunk of min(chunk, positions) positions at a time (all positions when
   chunk is 0): fp32 [rows, C, V] twice (logits and their gradient; 4 times with GRPO's entropy,
   which also keeps log-softmax and its exp). The head weight enters the chunk loop gathered
   over FSDP (replicated over the batch axes) in compute dtype, and its gradient is accumulated
-  over the chunks in param dtype: D*V*(c + p).
+  over the chunks in param dtype: D*V*(c + p); `head_grad=False` (LoRA: the head is frozen)
+  drops the gradient, D*V*c.
   """
   c, p = jnp.dtype(cfg.dtype).itemsize, jnp.dtype(cfg.param_dtype).itemsize
   width = min(chunk, positions) if chunk > 0 else positions
   vocab = cfg.vocab_size // vocab_shards
   copies = 4 if with_entropy else 2
-  return copies * rows * width * vocab * 4 + cfg.hidden_size * vocab * (c + p)
+  return copies * rows * width * vocab * 4 + cfg.hidden_size * vocab * (c + (p if head_grad else 0))
+
+
+def adapter_bytes(cfg: Qwen2Config, mesh: AbstractMesh) -> int:
+  """Per-device bytes of the LoRA adapters (`nnx.LoRAParam`s) of `cfg` (0 without LoRA)."""
+  if not cfg.lora_rank:
+    return 0
+  adapters = nnx.split_state(abstract_params(cfg), nnx.LoRAParam, ...)[0]
+  return sum(jax.tree.leaves(jax.tree.map(shard_bytes, adapters,
+                                          sharding.logical_shardings(adapters, mesh))))
+
+
+def with_lora(cfg: Qwen2Config, config: ml_collections.ConfigDict) -> Qwen2Config:
+  """`cfg` with the LoRA adapters of `config.model.lora` (none when its rank is 0)."""
+  lora = build.lora_settings(config)
+  if lora is None:
+    return cfg.replace(lora_rank=0)
+  return cfg.replace(lora_rank=lora["rank"], lora_alpha=lora["alpha"], lora_targets=lora["targets"])
 
 
 def rollout_work_bytes(cfg: Qwen2Config, prompts: int, rows: int, prompt_len: int,
@@ -300,12 +360,14 @@ def rollout_work_bytes(cfg: Qwen2Config, prompts: int, rows: int, prompt_len: in
   """Buffers of one rollout besides its KV cache, for one device's `prompts` (x G = `rows`).
 
   Prefill of the prompts (into the cache their G rows then share, counted by the caller): one
-  layer's attention probabilities (4 + c)*H*T*S and MLP 3*c*F per token. Sampling: 4 fp32 [rows, V] arrays (logits,
-  log-probs, sorted copy for top-p, CDF).
+  layer's attention scores (`attention_bytes`: (4 + c)*H*S for the einsum, far less for a fused
+  kernel) and MLP 3*c*F per token. Sampling: 4 fp32 [rows, V] arrays (logits, log-probs,
+  sorted copy for top-p, CDF).
   """
   c = jnp.dtype(cfg.dtype).itemsize
   tokens = prompts * prompt_len
-  prefill = tokens * ((4 + c) * cfg.num_attention_heads * slots + 3 * c * cfg.intermediate_size)
+  prefill = tokens * (attention_bytes(cfg, prompt_len, slots, causal=False)
+                      + 3 * c * cfg.intermediate_size)
   return prefill + 4 * rows * cfg.vocab_size * 4
 
 
@@ -335,6 +397,7 @@ class MemoryPlan:
   activations_remat: int
   activations_no_remat: int
   lm_head: int
+  adapters: int = 0  # LoRA adapters (trainable; `params` is then the frozen base)
 
   @property
   def num_devices(self) -> int:
@@ -346,7 +409,7 @@ class MemoryPlan:
 
   @property
   def persistent(self) -> int:
-    return self.params + self.opt_state + self.reference
+    return self.params + self.adapters + self.opt_state + self.reference
 
   @property
   def rollout_peak(self) -> int:
@@ -368,22 +431,24 @@ class MemoryPlan:
 def plan(config: ml_collections.ConfigDict, num_devices: int, *,
          model_cfg: Qwen2Config | None = None, mesh_shape: tuple[int, int, int] | None = None,
          grad_accum_steps: int | None = None, remat: bool | None = None,
-         new_tokens: int = 0) -> MemoryPlan:
+         new_tokens: int = 0, device: Device | None = None) -> MemoryPlan:
   """The memory plan of `config` on `num_devices` devices.
 
   The mesh is `config.mesh` (a -1 axis takes the remaining devices) unless `mesh_shape` is
   given; `grad_accum_steps` and `remat` override `train.grad_accum_steps` / `model.remat`, and
   `model_cfg` the architecture (default: `model_config_for(config, new_tokens)`, which grows the
-  vocabulary for `new_tokens` added tokens as the run would). Raises ConfigError when
-  the rows do not split over the batch devices and micro-batches, as the trainer would.
+  vocabulary for `new_tokens` added tokens as the run would; `model.attention='auto'` resolved
+  for `device`, default this process's backend). Raises ConfigError when the rows do not split
+  over the batch devices and micro-batches, as the trainer would.
   """
   from recllm_jax.train import checks
 
   source = "given"
   if model_cfg is None:
-    model_cfg, source = model_config_for(config, new_tokens)
+    model_cfg, source = model_config_for(config, new_tokens,
+                                         None if device is None else device.platform)
   remat = model_cfg.remat if remat is None else remat
-  model_cfg = model_cfg.replace(remat=remat)
+  model_cfg = with_lora(model_cfg.replace(remat=remat), config)
   shape = mesh_shape or sharding.mesh_shape(config.mesh.data, config.mesh.fsdp,
                                             config.mesh.tensor, num_devices)
   mesh = abstract_mesh(*shape)
@@ -399,7 +464,10 @@ def plan(config: ml_collections.ConfigDict, num_devices: int, *,
   tensor = shape[2] if model_cfg.vocab_size % shape[2] == 0 else 1
 
   params, opt_state = state_bytes(model_cfg, make_optimizer(config), mesh)
-  grads = params * (2 if accum > 1 else 1)  # the micro-batch gradient and the running sum
+  # LoRA: `params` is the frozen base; gradients (and `opt_state`) cover the adapters only.
+  adapters = adapter_bytes(model_cfg, mesh)
+  params -= adapters
+  grads = (adapters or params) * (2 if accum > 1 else 1)  # micro-batch gradient + running sum
   gc = config.get("grpo")
   chunk = config.train.logits_chunk_size
   if gc is None:
@@ -419,7 +487,8 @@ def plan(config: ml_collections.ConfigDict, num_devices: int, *,
       kv, prefill_slots = kv_cache_bytes(model_cfg, rows, slots, mesh), slots
     work = rollout_work_bytes(model_cfg, max(prompts // batch_split, 1), rows // batch_split,
                               prompt_len, prefill_slots)
-    reference = params if gc.beta > 0 else 0
+    # LoRA: the reference is the base with the adapters off, no copy.
+    reference = params if gc.beta > 0 and not adapters else 0
   tokens = micro_rows * seq_len
   return MemoryPlan(
       model=model_cfg, model_source=source, task=task, mesh=shape, grad_accum_steps=accum,
@@ -429,7 +498,9 @@ def plan(config: ml_collections.ConfigDict, num_devices: int, *,
       activations_remat=activation_bytes(model_cfg, tokens, seq_len, True),
       activations_no_remat=activation_bytes(model_cfg, tokens, seq_len, False),
       lm_head=lm_head_bytes(model_cfg, micro_rows, positions, chunk,
-                            with_entropy=task == "grpo", vocab_shards=tensor))
+                            with_entropy=task == "grpo", vocab_shards=tensor,
+                            head_grad=not adapters),
+      adapters=adapters)
 
 
 def _divisors(n: int) -> Iterator[int]:
@@ -445,7 +516,7 @@ def suggest(config: ml_collections.ConfigDict, device: Device, *,
   None when nothing up to `max_devices` fits. `new_tokens`: as in `model_config_for`."""
   from recllm_jax.train import checks
 
-  model_cfg, _ = model_config_for(config, new_tokens)
+  model_cfg, _ = model_config_for(config, new_tokens, device.platform)
   rows = checks.batch_rows(config)[1]
   counts = [num_devices] if num_devices else [n for n in (2**i for i in range(11))
                                               if n <= min(rows, max_devices)]
@@ -477,21 +548,26 @@ def format_plan(p: MemoryPlan, device: Device, margin: float = DEFAULT_MARGIN) -
   data, fsdp, tensor = p.mesh
   lines = [
       f"model: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}"
-      f" ({p.model_source}); {n_params:,} params in {cfg.param_dtype}, compute {cfg.dtype}",
+      f" ({p.model_source}); {n_params:,} params in {cfg.param_dtype}, compute {cfg.dtype}, "
+      f"attention {cfg.attention}",
       f"device: {device.label} x{p.num_devices} ({device.hbm_bytes / GiB:.1f} GiB each); mesh "
       f"data={data} fsdp={fsdp} tensor={tensor}; {p.task}: {p.rows} rows/update, "
       f"grad_accum_steps={p.grad_accum_steps} -> {p.micro_rows} rows x {p.seq_len} tokens per "
       f"micro-batch per device; remat {'on' if p.remat else 'off'}",
       "",
       f"{'per device':40s} {'GiB':>8s}",
-      f"{'params':40s} {_gib(p.params)}",
+      f"{'params' + (' (frozen base)' if p.adapters else ''):40s} {_gib(p.params)}",
+  ]
+  if p.adapters:
+    lines.append(f"{f'LoRA adapters (rank {cfg.lora_rank}, trainable)':40s} {_gib(p.adapters)}")
+  lines += [
       f"{'optimizer state':40s} {_gib(p.opt_state)}",
       f"{'gradients' + (' (+ accumulator)' if p.grad_accum_steps > 1 else ''):40s} "
       f"{_gib(p.grads)}",
   ]
   if p.task == "grpo":
     lines += [
-        f"{'reference model' if p.reference else 'reference model (grpo.beta=0: none)':40s} "
+        f"{'reference model' if p.reference else 'reference (LoRA: base, adapters off)' if p.adapters else 'reference model (grpo.beta=0: none)':40s} "
         f"{_gib(p.reference)}",
         f"{f'KV cache ({p.rows // p.mesh[0] // p.mesh[1]} rows, {p.kv_slots} slots)':40s} "
         f"{_gib(p.kv_cache)}   rollout",
@@ -529,7 +605,8 @@ def format_suggestion(s: MemoryPlan | None, device: Device, scope: str) -> str:
 
 __all__ = ["DEFAULT_MARGIN", "DEVICES", "Device", "GiB", "HF_PRESET", "MemoryPlan",
            "R1_TOKENIZER_SIZE", "abstract_mesh", "abstract_params",
-           "abstract_train_state",
-           "activation_bytes", "format_plan", "format_suggestion", "kv_cache_bytes",
+           "abstract_train_state", "adapter_bytes", "with_lora",
+           "activation_bytes", "attention_bytes", "attention_scores_materialised", "format_plan",
+           "format_suggestion", "kv_cache_bytes",
            "layer_activation_bytes", "lm_head_bytes", "make_optimizer", "model_config_for",
            "plan", "rollout_work_bytes", "shard_bytes", "state_bytes", "suggest"]

@@ -84,7 +84,8 @@ def load_model(config, workdir: Path, mesh):
     if not (path / "config.json").is_file():
       raise MissingPathError(f"--hf_dir={path}: no config.json; expected an HF model directory")
     model = load_hf_model(path, dtype=config.model.param_dtype, mesh=mesh,
-                          compute_dtype=config.model.dtype)
+                          compute_dtype=config.model.dtype,
+                          attention=config.model.get("attention", "auto"))
     return model, transformers.AutoTokenizer.from_pretrained(path)
   import recllm_jax
   if not (workdir / "config.json").is_file():

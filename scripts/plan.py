@@ -27,7 +27,7 @@ from train import fail, load_config, parse_flags, start_script  # noqa: E402
 
 from absl import app, flags  # noqa: E402
 
-DEVICE_NAMES = ("h100-80gb", "h200", "tpu-v5e", "tpu-v5p", "tpu-v6e")  # plan.DEVICES (fast --help)
+DEVICE_NAMES = ("gpu-24gb", "h100-80gb", "h200", "tpu-v5e", "tpu-v5p", "tpu-v6e")  # plan.DEVICES (fast --help)
 _DEVICE = flags.DEFINE_enum("device", "h100-80gb", list(DEVICE_NAMES), "Accelerator to plan for.")
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", 0, "Devices of the planned mesh (0 = this "
                                     "machine's jax.device_count()).")
@@ -50,7 +50,7 @@ def main(argv: list[str]) -> None:
   margin = _MARGIN.value
   try:
     new_tokens = _NEW_TOKENS.value
-    p = plan.plan(config, num_devices, new_tokens=new_tokens)
+    p = plan.plan(config, num_devices, new_tokens=new_tokens, device=device)
     print(plan.format_plan(p, device, margin))
     here = plan.suggest(config, device, num_devices=num_devices, margin=margin,
                         new_tokens=new_tokens)

@@ -136,3 +136,32 @@ def test_suggest_finds_the_fewest_micro_batches_that_fit():
     fewer = max(d for d in range(1, s.grad_accum_steps) if 32 % d == 0)
     assert not plan.plan(config, 1, grad_accum_steps=fewer, remat=s.remat).fits(tiny)
   assert plan.suggest(config, plan.Device("none", plan.GiB), max_devices=1) is None
+
+
+def test_attention_rows_follow_model_attention():
+  """The einsum materialises (4 + c)*H*S score bytes per token; a fused kernel keeps its fp32
+  log-sum-exp 4*H (cuDNN also its c*S mask bias), and only where it serves the call."""
+  # bf16, H=2, head dim 8 (cuDNN needs a multiple of 8)
+  xla, cudnn, splash = (_toy(attention=a, hidden_size=16) for a in ("xla", "cudnn", "splash"))
+  assert plan.attention_bytes(xla, 5, 5, causal=True) == (4 + 2) * 2 * 5
+  assert plan.attention_bytes(cudnn, 5, 5, causal=True) == 4 * 2 + 2 * 5
+  assert plan.attention_bytes(splash, 5, 5, causal=True) == 4 * 2
+  # A prefill (a cache call): cuDNN still fuses, splash falls back to the einsum.
+  assert plan.attention_bytes(cudnn, 5, 9, causal=False) == 4 * 2 + 2 * 9
+  assert plan.attention_bytes(splash, 5, 9, causal=False) == (4 + 2) * 2 * 9
+  # fp32 compute: cuDNN falls back, so the scores are counted again.
+  assert plan.attention_bytes(cudnn.replace(dtype="float32"), 5, 5, causal=True) == (
+      (4 + 4) * 2 * 5)
+  assert plan.attention_bytes(_toy(attention="cudnn"), 5, 5, causal=True) == (4 + 2) * 2 * 5
+  saved = (4 + 2) * 2 * 5 - (4 * 2 + 2 * 5)
+  assert plan.layer_activation_bytes(xla, 5) - plan.layer_activation_bytes(cudnn, 5) == saved
+
+
+def test_plan_resolves_auto_attention_for_the_planned_device():
+  config = sft_config()  # model.attention='auto'
+  gpu = plan.plan(config, num_devices=1, device=plan.DEVICES["h200"])
+  tpu = plan.plan(config, num_devices=1, device=plan.DEVICES["tpu-v5p"])
+  xla = plan.plan(config, num_devices=1, model_cfg=gpu.model.replace(attention="xla"))
+  assert (gpu.model.attention, tpu.model.attention) == ("cudnn", "splash")
+  assert gpu.activations_no_remat < xla.activations_no_remat
+  assert "attention cudnn" in plan.format_plan(gpu, plan.DEVICES["h200"])

@@ -7,6 +7,7 @@ import json
 import os
 from typing import Any, Mapping
 
+import jax
 import jax.numpy as jnp
 
 from recllm_jax.errors import ConfigError
@@ -16,6 +17,23 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 # HF keys we read, or know to be harmless. Anything else that changes the math must be
 # rejected explicitly below rather than silently ignored.
 _SUPPORTED_ROPE_TYPES = ("default", None)
+
+
+# Projections LoRA can adapt: attention q, k, v, o and the MLP's gate, up, down.
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def parse_lora_targets(targets: str | tuple[str, ...] | list[str],
+                       key: str = "lora_targets") -> tuple[str, ...]:
+  """'q,v' / ('q', 'v') -> ('q', 'v') in `LORA_TARGETS` order; an unknown name is a ConfigError
+  naming `key`."""
+  names = [t.strip() for t in (targets.split(",") if isinstance(targets, str) else targets)]
+  names = [t for t in names if t]
+  unknown = sorted(set(names) - set(LORA_TARGETS))
+  if unknown:
+    raise ConfigError(f"{key}={targets!r}: unknown target(s) {unknown}; expected a "
+                      f"comma-separated subset of {','.join(LORA_TARGETS)}")
+  return tuple(t for t in LORA_TARGETS if t in names)
 
 
 def dtype_from_name(name: str | Any) -> Any:
@@ -30,6 +48,30 @@ def dtype_from_name(name: str | Any) -> Any:
 
 def dtype_name(dtype: Any) -> str:
   return jnp.dtype(dtype).name
+
+
+# Attention implementations (`Qwen2Config.attention`, run-config key `model.attention`); see
+# `models.qwen2.attention` for what each one runs and where it falls back to the einsum.
+ATTENTION_IMPLS = ("xla", "cudnn", "splash")
+ATTENTION_CHOICES = (*ATTENTION_IMPLS, "auto")
+# What 'auto' picks per platform (`jax.default_backend()`): anything else (CPU) keeps the einsum.
+_AUTO_ATTENTION = {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}
+
+
+def resolve_attention(name: str, platform: str | None = None) -> str:
+  """The implementation `name` stands for on `platform` (default: `jax.default_backend()`).
+
+  'auto' becomes 'cudnn' on GPU, 'splash' on TPU and 'xla' elsewhere; an explicit choice is
+  kept as it is (a fused kernel on the wrong platform is refused when the model is traced, so
+  a CPU host can still build configs and plans for an accelerator). Raises ConfigError for an
+  unknown name.
+  """
+  if name not in ATTENTION_CHOICES:
+    raise ConfigError(f"model.attention={name!r} is not one of {list(ATTENTION_CHOICES)}")
+  if name != "auto":
+    return name
+  platform = jax.default_backend() if platform is None else platform
+  return _AUTO_ATTENTION.get(platform, "xla")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,9 +98,16 @@ class Qwen2Config:
     param_dtype: storage dtype of the weights ('float32' or 'bfloat16').
     dtype: compute dtype of matmuls and activations; norms, softmax and logits stay fp32.
     remat: rematerialise each decoder block in the backward pass (saves activation memory).
+    lora_rank, lora_alpha, lora_targets: LoRA adapters (rank 0 = none) on the named projections
+      (`LORA_TARGETS`); each adds `lora_alpha / lora_rank * x @ A @ B` to its projection.
     dropout: residual dropout rate (after the embedding and on each block's attention and MLP
       outputs, as in GPT-2 and SASRec), applied only when the forward gets a `dropout_rng`
       (SFT of random-init models on small data); 0 = none, and it never changes inference.
+    attention: attention implementation, one of `ATTENTION_CHOICES`: 'xla' (the grouped-query
+      einsum, the reference), 'cudnn' (cuDNN flash attention, NVIDIA GPUs), 'splash' (the
+      Pallas splash-attention kernel, TPUs) or 'auto', which `resolve_attention` turns into the
+      platform's choice when the config is made, so the field always holds a concrete name.
+      Where a fused kernel cannot serve a call it falls back to the einsum (`qwen2.attention`).
   """
 
   vocab_size: int
@@ -81,6 +130,10 @@ class Qwen2Config:
   dtype: str = "float32"
   remat: bool = False
   dropout: float = 0.0
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_targets: tuple[str, ...] = LORA_TARGETS
+  attention: str = "xla"
 
   def __post_init__(self):
     # Not a dataclass field (so not compared, hashed or passed to __init__): whether head_dim
@@ -101,6 +154,12 @@ class Qwen2Config:
       raise ConfigError(f"head_dim={self.head_dim} must be even for RoPE")
     for field in ("param_dtype", "dtype"):
       object.__setattr__(self, field, dtype_name(dtype_from_name(getattr(self, field))))
+    object.__setattr__(self, "attention", resolve_attention(self.attention))
+    object.__setattr__(self, "lora_targets", parse_lora_targets(self.lora_targets))
+    if self.lora_rank < 0:
+      raise ConfigError(f"lora_rank={self.lora_rank} must be >= 0 (0 = no LoRA)")
+    if self.lora_rank and not self.lora_targets:
+      raise ConfigError(f"lora_rank={self.lora_rank} but lora_targets is empty")
 
   @property
   def jnp_dtype(self) -> Any:

@@ -18,17 +18,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from recllm_jax.models import fused_attention
 from recllm_jax.models.config import Qwen2Config
 from recllm_jax.sharding import shard
 
 
-def _param(rngs: nnx.Rngs | None, init, shape: Sequence[int], dtype, names: Sequence[str]):
+def _param(rngs: nnx.Rngs | None, init, shape: Sequence[int], dtype, names: Sequence[str],
+           kind: type[nnx.Variable] = nnx.Param):
   key = rngs.params() if rngs is not None else jax.random.key(0)
   # Sharding is applied explicitly by `sharding.create_sharded` / `hf_io`, not eagerly here.
   # Sampled in fp32, then rounded: a bf16 model starts from its fp32 twin's weights (sampling
   # in bf16 draws different numbers), so precision settings can be compared run to run.
-  return nnx.Param(init(key, tuple(shape), jnp.float32).astype(dtype), out_sharding=tuple(names),
-                   eager_sharding=False)
+  return kind(init(key, tuple(shape), jnp.float32).astype(dtype), out_sharding=tuple(names),
+              eager_sharding=False)
 
 
 # Logical axes of the cached keys/values. Heads lead the slots so that one decode step reads
@@ -97,15 +99,38 @@ class KVCache:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array,
-              prefix: tuple[jax.Array, jax.Array, jax.Array] | None = None) -> jax.Array:
+              prefix: tuple[jax.Array, jax.Array, jax.Array] | None = None, *,
+              impl: str = "xla", causal: bool = False) -> jax.Array:
+  """Grouped-query attention by `impl` (`Qwen2Config.attention`); arguments as `einsum_attention`.
+
+  'xla' is `einsum_attention`. 'cudnn' and 'splash' run a fused kernel
+  (`models.fused_attention`) that never materialises the [B, K, G*T, S] scores, and fall back to
+  the einsum for the calls it cannot serve (`fused_attention.fallback_reason`): cuDNN for fp32
+  compute, unsupported head dims, decode steps (T=1) and the shared `prefix`; splash for every
+  KV-cache call and the `prefix`. `causal` (a forward without a cache: query t at slot t, T == S)
+  lets the kernels use their causal mask.
+  """
+  if impl != "xla" and fused_attention.fallback_reason(
+      impl, dtype=q.dtype, head_dim=q.shape[-1], query_len=q.shape[1], causal=causal,
+      prefix=prefix is not None) is None:
+    if impl == "cudnn":
+      return fused_attention.dot_product_attention(q, k, v, allowed, causal=causal)
+    return fused_attention.splash_attention(q, k, v, allowed)
+  return einsum_attention(q, k, v, allowed, prefix)
+
+
+def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array,
+                     prefix: tuple[jax.Array, jax.Array, jax.Array] | None = None) -> jax.Array:
   """Grouped-query attention. q: [B, T, H, Dh]; k, v: [B, K, S, Dh]; allowed: [B, T, S].
 
   The H query heads are grouped G = H // K per key/value head, so K/V are never repeated, and
   the G heads and T queries of a group are merged into one matrix (M = G*T rows): each (b, k)
   is then a single well-shaped matmul, which on CPU is ~2.7x faster at decode (T=1) and ~1.5x
   in training than keeping G and T as separate einsum dims. Logits and softmax are fp32 with a
-  finite mask value, so fully padded query rows stay finite. Training, scoring and decoding all
-  use this one function, so a sampler's log-probs and a trainer's come from the same arithmetic.
+  finite mask value, so fully padded query rows stay finite. With `attention(impl='xla')`,
+  training, scoring and decoding all use this one function, so a sampler's log-probs and a
+  trainer's come from the same arithmetic (a fused kernel serves the cache-free forward only:
+  GRPO's old-policy log-probs come from that same forward, not from the sampler).
 
   `prefix` = (k, v, mask) of P rows ([P, K, S', Dh], [P, S']) that precede every query of the
   W = B // P consecutive rows sharing them (a beam search's prompt): their queries are stacked
@@ -183,10 +208,15 @@ class Attention(nnx.Module):
     d, h, k, dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     pd = cfg.jnp_param_dtype
     normal = nnx.initializers.normal(cfg.initializer_range)
-    self.q_proj = _Proj(rngs, normal, (d, h, dh), pd, ("embed", "q_heads", "head_dim"), bias=True)
-    self.k_proj = _Proj(rngs, normal, (d, k, dh), pd, ("embed", "kv_heads", "head_dim"), bias=True)
-    self.v_proj = _Proj(rngs, normal, (d, k, dh), pd, ("embed", "kv_heads", "head_dim"), bias=True)
-    self.o_proj = _Proj(rngs, normal, (h, dh, d), pd, ("q_heads", "head_dim", "embed"), bias=False)
+    lora = _lora_for(cfg)
+    self.q_proj = _Proj(rngs, normal, (d, h, dh), pd, ("embed", "q_heads", "head_dim"), bias=True,
+                        lora=lora("q"))
+    self.k_proj = _Proj(rngs, normal, (d, k, dh), pd, ("embed", "kv_heads", "head_dim"), bias=True,
+                        lora=lora("k"))
+    self.v_proj = _Proj(rngs, normal, (d, k, dh), pd, ("embed", "kv_heads", "head_dim"), bias=True,
+                        lora=lora("v"))
+    self.o_proj = _Proj(rngs, normal, (h, dh, d), pd, ("q_heads", "head_dim", "embed"), bias=False,
+                        lora=lora("o"), lora_in=2)
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, allowed: jax.Array,
                kv: tuple[jax.Array, jax.Array] | None, index: jax.Array | None,
@@ -210,18 +240,52 @@ class Attention(nnx.Module):
       new_kv = (k, v)
     if prefix is not None:
       prefix = (prefix[0].astype(dt), prefix[1].astype(dt), prefix[2])
-    out = attention(q, k.astype(dt), v.astype(dt), allowed, prefix)  # [B, T, H, Dh]
+    out = attention(q, k.astype(dt), v.astype(dt), allowed, prefix, impl=self.cfg.attention,
+                    causal=kv is None)  # [B, T, H, Dh]
     out = self.o_proj(out, "bthk,hkd->btd")  # [B, T, D]
     return out, new_kv
 
 
-class _Proj(nnx.Module):
-  """A projection whose kernel keeps heads as a separate axis (einsum-friendly, shardable)."""
+def merge_kernel(kernel: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+  """kernel + scale * A @ B (A [in..., r], B [r, out...]), in fp32, cast to the kernel dtype."""
+  rank = a.shape[-1]
+  delta = a.astype(jnp.float32).reshape(-1, rank) @ b.astype(jnp.float32).reshape(rank, -1)
+  return (kernel.astype(jnp.float32) + scale * delta.reshape(kernel.shape)).astype(kernel.dtype)
 
-  def __init__(self, rngs, init, shape, param_dtype, names, bias: bool):
+
+class _Proj(nnx.Module):
+  """A projection whose kernel keeps heads as a separate axis (einsum-friendly, shardable).
+
+  With `lora=(rank, alpha)` it also holds a LoRA adapter (`nnx.LoRAParam`, fp32): A
+  [in..., r] (the kernel's first `lora_in` axes, then the rank) and B [r, out...] (zeros, so a
+  new adapter leaves the model unchanged), adding `alpha / rank * (x @ A) @ B` to the output.
+  A and B keep the kernel's logical axis names on their in / out axes (the rank axis is
+  replicated), so they shard like the kernel. `lora_enabled = False` (`lora_disabled`) drops
+  the adapter from the forward: the frozen base model, e.g. GRPO's reference.
+  """
+
+  def __init__(self, rngs, init, shape, param_dtype, names, bias: bool,
+               lora: tuple[int, float] | None = None, lora_in: int = 1):
     self.kernel = _param(rngs, init, shape, param_dtype, names)
     if bias:
       self.bias = _param(rngs, nnx.initializers.zeros, shape[1:], param_dtype, names[1:])
+    self.lora_scale = None
+    self.lora_enabled = True
+    if lora is not None and lora[0] > 0:
+      rank, alpha = lora
+      self.lora_scale = float(alpha) / rank
+      a_init = nnx.initializers.variance_scaling(
+          1.0, "fan_in", "uniform", in_axis=tuple(range(lora_in)), out_axis=-1)
+      self.lora_a = _param(rngs, a_init, (*shape[:lora_in], rank), jnp.float32,
+                           (*names[:lora_in], None), kind=nnx.LoRAParam)
+      self.lora_b = _param(rngs, nnx.initializers.zeros, (rank, *shape[lora_in:]), jnp.float32,
+                           (None, *names[lora_in:]), kind=nnx.LoRAParam)
+
+  def merged_kernel(self) -> jax.Array:
+    """kernel + scale * A @ B in the kernel's shape and dtype (the kernel without an adapter)."""
+    if self.lora_scale is None:
+      return self.kernel[...]
+    return merge_kernel(self.kernel[...], self.lora_a[...], self.lora_b[...], self.lora_scale)
 
   def __call__(self, x: jax.Array, spec: str) -> jax.Array:
     """`spec` is an einsum whose input and output both start with the batch dims `bt`.
@@ -236,10 +300,25 @@ class _Proj(nnx.Module):
     lead = x.shape[:2]
     y = jnp.einsum(spec.replace("bt", "n"), x.reshape(-1, *x.shape[2:]),
                    self.kernel[...].astype(dt))
+    if self.lora_scale is not None and self.lora_enabled:
+      inputs, rest = spec.split(",")
+      kernel_axes, out = rest.split("->")
+      x_axes, out = inputs[2:], out[2:]
+      in_axes = kernel_axes[:self.lora_a[...].ndim - 1]
+      xa = jnp.einsum(f"n{x_axes},{in_axes}r->nr", x.reshape(-1, *x.shape[2:]),
+                      self.lora_a[...].astype(dt))  # [rows, r]
+      y = y + jnp.einsum(f"nr,r{out}->n{out}", xa * jnp.asarray(self.lora_scale, dt),
+                         self.lora_b[...].astype(dt))
     y = y.reshape(*lead, *y.shape[1:])
     if hasattr(self, "bias"):
       y = y + self.bias[...].astype(dt)
     return y
+
+
+def _lora_for(cfg: Qwen2Config):
+  """target name -> the `_Proj` `lora=` argument: (rank, alpha) for `cfg.lora_targets`, else None."""
+  return lambda name: ((cfg.lora_rank, cfg.lora_alpha)
+                       if cfg.lora_rank and name in cfg.lora_targets else None)
 
 
 class _Embed(nnx.Module):
@@ -254,9 +333,12 @@ class MLP(nnx.Module):
   def __init__(self, cfg: Qwen2Config, rngs: nnx.Rngs | None):
     d, f, pd = cfg.hidden_size, cfg.intermediate_size, cfg.jnp_param_dtype
     normal = nnx.initializers.normal(cfg.initializer_range)
-    self.gate_proj = _Proj(rngs, normal, (d, f), pd, ("embed", "mlp"), bias=False)
-    self.up_proj = _Proj(rngs, normal, (d, f), pd, ("embed", "mlp"), bias=False)
-    self.down_proj = _Proj(rngs, normal, (f, d), pd, ("mlp", "embed"), bias=False)
+    lora = _lora_for(cfg)
+    self.gate_proj = _Proj(rngs, normal, (d, f), pd, ("embed", "mlp"), bias=False,
+                           lora=lora("gate"))
+    self.up_proj = _Proj(rngs, normal, (d, f), pd, ("embed", "mlp"), bias=False, lora=lora("up"))
+    self.down_proj = _Proj(rngs, normal, (f, d), pd, ("mlp", "embed"), bias=False,
+                           lora=lora("down"))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     gate = self.gate_proj(x, "btd,df->btf")  # [B, T, F]

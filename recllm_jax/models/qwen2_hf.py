@@ -167,7 +167,8 @@ _CASTABLE = {"F32", "F16", "BF16", "F64"}
 
 
 def load_hf_model(path: str | os.PathLike, *, dtype: Any = jnp.float32, mesh: Mesh | None = None,
-                  compute_dtype: Any = None, remat: bool = False) -> Qwen2ForCausalLM:
+                  compute_dtype: Any = None, remat: bool = False,
+                  attention: str = "xla") -> Qwen2ForCausalLM:
   """Loads an HF Qwen2-family checkpoint directory into a (sharded) `Qwen2ForCausalLM`.
 
   Args:
@@ -176,10 +177,12 @@ def load_hf_model(path: str | os.PathLike, *, dtype: Any = jnp.float32, mesh: Me
     mesh: place each parameter on this mesh per `sharding.LOGICAL_RULES`; None = default device.
     compute_dtype: matmul/activation dtype (e.g. bf16 compute over fp32 params).
     remat: rematerialise each decoder layer in the backward pass.
+    attention: `Qwen2Config.attention` ('xla' | 'cudnn' | 'splash' | 'auto').
   """
   path = Path(path)
   cfg = Qwen2Config.from_pretrained(path, param_dtype=dtype_name(dtype),
-                                    dtype=dtype_name(compute_dtype or dtype), remat=remat)
+                                    dtype=dtype_name(compute_dtype or dtype), remat=remat,
+                                    attention=attention)
   abstract = sharding.abstract_module(lambda: Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   targets = {".".join(map(str, k)): v for k, v in nnx.to_flat_state(state)}
@@ -240,10 +243,14 @@ def export_hf(model: Qwen2ForCausalLM, out_dir: str | os.PathLike, tokenizer: An
   Writes `config.json`, `generation_config.json`, safetensors shards of at most
   `max_shard_size` with `model.safetensors.index.json` (a single `model.safetensors` when it
   fits), and the tokenizer files when `tokenizer` is given. Parameters are gathered to host one
-  at a time; `dtype` defaults to the model's parameter dtype.
+  at a time; `dtype` defaults to the model's parameter dtype. A LoRA model is exported with its
+  adapters merged (`models.lora.merge_lora`), so the HF model computes what it computes.
   """
   import transformers  # Heavy import, only needed for export.
 
+  from recllm_jax.models.lora import merge_lora
+
+  model = merge_lora(model)  # LoRA adapters folded into the kernels: W + alpha/rank * A @ B
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   cfg = model.cfg

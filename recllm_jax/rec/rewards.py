@@ -71,6 +71,7 @@ __all__ = [
   "load_item_ids",
   "ndcg_at_k",
   "rank_penalties",
+  "ranks_from_scores",
   "recall_at_k",
   "register",
   "resolve_reward",
@@ -135,6 +136,20 @@ def rank_penalties(group_size: int) -> np.ndarray:
     raise ValueError(f"group_size must be >= 1, got {group_size}")
   gains = 1.0 / np.log2(np.arange(group_size, dtype=np.float64) + 2.0)  # [G]
   return -gains / gains.sum()
+
+
+def ranks_from_scores(scores: Sequence[float] | np.ndarray, group_size: int) -> np.ndarray:
+  """Group ranks ``[N]`` (0 = best) from per-completion scores laid out ``[B, G]``.
+
+  Within each group of ``group_size`` consecutive rows, the highest score gets
+  rank 0; ties keep their row order. Used for the sampling rollouts, whose rows
+  come in sampling order (a beam's rows are already in rank order).
+  """
+  scores = np.asarray(scores, dtype=np.float64).reshape(-1, group_size)  # [B, G]
+  order = np.argsort(-scores, axis=1, kind="stable")  # [B, G] row of rank r
+  ranks = np.empty_like(order)
+  np.put_along_axis(ranks, order, np.arange(group_size)[None, :], axis=1)
+  return ranks.reshape(-1)
 
 
 # --------------------------------------------------------------------------
@@ -280,9 +295,11 @@ class Sample:
   """One scored completion and what group-aware rewards need of its group.
 
   ``item_ids``/``matches`` are aligned with ``titles`` (``None``: ungrounded).
-  ``group_rank`` is the completion's rank in its GRPO group (0 = best: beam
-  order, or descending sequence log-prob); ``group_items`` holds every group
-  member's ``item_ids`` (this sample's included), in group order.
+  ``group_rank`` is the completion's rank in its GRPO group, 0-based (0 = best):
+  the beam order in ``beam`` rollouts, descending sequence log-prob in the
+  sampling rollouts (``GrpoTask.score`` always passes it explicitly; rank-aware
+  rewards read this field, never the sample's position). ``group_items`` holds
+  every group member's ``item_ids`` (this sample's included), in group order.
   """
 
   example: Example
@@ -331,9 +348,10 @@ def build_samples(
 
   ``examples`` has one entry per group (``B``); ``completions``, ``parsed``
   and ``group_ranks`` are group-major with ``B * G`` entries (completion
-  ``b * G + g`` answers ``examples[b]``). ``group_ranks`` defaults to the
-  position in the group; each group's ranks must be a permutation of
-  ``0 .. G-1``.
+  ``b * G + g`` answers ``examples[b]``). ``group_ranks`` (each group's a
+  permutation of ``0 .. G-1``) becomes ``Sample.group_rank``; without it the
+  position in the group is taken as the rank, which is right only for rows in
+  rank order (beams; see :func:`ranks_from_scores` for sampled rows).
   """
   n = len(examples) * group_size
   if group_size < 1 or len(completions) != n or len(parsed) != n:
@@ -474,12 +492,51 @@ def rank_aware_reward(sample: Sample, ctx: RewardContext) -> float:
   misses (malformed ones included) gets ``rank_penalties(G)[group_rank]``,
   so confident (high-ranked) wrong answers cost most; a hitting completion,
   and every completion of a group without a hit, gets 0. MiniOneRec pairs
-  it with a 0/1 hit reward (``reward_type="ranking"``).
+  it with a 0/1 hit reward (``reward_type="ranking"``). Its exact form, with
+  MiniOneRec's exact-answer hit, is ``ndcg_rule``; the two agree on one-item
+  answers (every ``beam`` completion) and differ for multi-item answers.
   """
   group = sample.group_items or (sample.item_ids,)
   targets = sample.example.targets
   hit = sample.scorable and hit_at_k(sample.top_k(ctx.k), targets, ctx.k) > 0
   if hit or not any(hit_at_k(items, targets, ctx.k) for items in group):
+    return 0.0
+  return float(rank_penalties(len(group))[sample.group_rank])
+
+
+def _exact_hit(items: Sequence[str | None], targets: Iterable[str]) -> bool:
+  """MiniOneRec's hit: the completion answers exactly one item, and it is a target
+  (its ``completion == target`` string test, on grounded ids)."""
+  return len(items) == 1 and items[0] is not None and items[0] in set(targets)
+
+
+@register("rule")
+def rule_reward(sample: Sample, ctx: RewardContext) -> float:
+  """MiniOneRec's ``rule_reward``: 1 if the answer is exactly the target item, else 0.
+
+  Equal to ``hit`` for one-item answers (every ``beam`` completion); an answer
+  listing several items scores 0 even when one of them is the target.
+  """
+  return 1.0 if sample.scorable and _exact_hit(sample.item_ids, sample.example.targets) else 0.0
+
+
+@register("ndcg_rule")
+def ndcg_rule_reward(sample: Sample, ctx: RewardContext) -> float:
+  """MiniOneRec's ``ndcg_rule_reward``, exactly (released ``rl.py``, ``reward_type="ranking"``).
+
+  In a group where some completion is exactly the target (:func:`rule_reward`),
+  every other completion gets ``rank_penalties(G)[group_rank]`` =
+  ``-(1 / log2(r + 2)) / sum_j 1 / log2(j + 2)`` and the hit gets 0; in a group
+  without a hit every completion gets 0. The rank is ``sample.group_rank``
+  (MiniOneRec uses the row's position ``i % G``, which is the beam order).
+  Differs from ``rank_aware`` only in what counts as a hit: the exact answer
+  here, Hit@K over a multi-item answer there (see docs/grpo.md).
+  """
+  group = sample.group_items or (sample.item_ids,)
+  targets = sample.example.targets
+  if sample.scorable and _exact_hit(sample.item_ids, targets):
+    return 0.0
+  if not any(_exact_hit(items, targets) for items in group):
     return 0.0
   return float(rank_penalties(len(group))[sample.group_rank])
 

@@ -22,11 +22,15 @@ per group, also under "batch").
 
 All functions are pure jnp and run on the host or under `jax.jit` (with `num_generations`
 static). New estimators are added with `@register_advantage("name")`.
+
+Dynamic sampling (DAPO, Yu et al. 2025; `grpo.dynamic_sampling`) drops the groups without
+signal and refills the batch from further rollouts: `group_has_signal` says which groups carry
+signal, `select_groups` picks exactly the batch's number of groups to train on (static shapes).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -106,6 +110,29 @@ def batch_advantages(rewards: jax.Array, num_generations: int, *,
   return _centered(rewards, stats) / (batch_std + eps)
 
 
+def group_has_signal(rewards: jax.Array, num_generations: int) -> jax.Array:
+  """[N] rewards -> [P] bool: the group's rewards are not all equal (std > 0), i.e. its
+  advantages are not all 0. The same exact-equality test as `GroupStats.zero_std`."""
+  grouped = _groups(rewards, num_generations)  # [P, G]
+  return jnp.max(grouped, axis=1) != jnp.min(grouped, axis=1)
+
+
+def select_groups(has_signal: Sequence[bool], size: int) -> list[int]:
+  """Which `size` of the collected groups (in draw order) to train on, for dynamic sampling.
+
+  The first `size` groups with signal; if fewer were collected, the earliest groups without
+  signal fill the rest (their advantages are 0: they add only the KL term, as they would
+  without dynamic sampling), so the update always sees exactly `size` groups. Returned in
+  draw order. Example: has_signal = [F, T, F, T | T, F], size 3 -> [1, 3, 4].
+  """
+  has_signal = [bool(x) for x in has_signal]
+  if size < 1 or len(has_signal) < size:
+    raise ValueError(f"cannot select {size} groups from {len(has_signal)} collected")
+  chosen = [i for i, x in enumerate(has_signal) if x][:size]
+  chosen += [i for i, x in enumerate(has_signal) if not x][:size - len(chosen)]
+  return sorted(chosen)
+
+
 def compute_advantages(rewards: jax.Array, num_generations: int, *, estimator: str = "grpo",
                        eps: float = DEFAULT_EPS) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Advantages [N] of the named estimator, plus scalar group statistics for logging.
@@ -124,5 +151,5 @@ def compute_advantages(rewards: jax.Array, num_generations: int, *, estimator: s
 
 
 __all__ = ["ADVANTAGES", "DEFAULT_EPS", "AdvantageFn", "GroupStats", "batch_advantages",
-           "compute_advantages", "dr_grpo_advantages", "get_advantage_fn", "group_stats",
-           "grpo_advantages", "register_advantage"]
+           "compute_advantages", "dr_grpo_advantages", "get_advantage_fn", "group_has_signal",
+           "group_stats", "grpo_advantages", "register_advantage", "select_groups"]

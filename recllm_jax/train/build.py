@@ -35,7 +35,7 @@ from flax import nnx
 from recllm_jax import paths, sharding
 from recllm_jax.errors import ConfigError, MissingPathError
 from recllm_jax.models import PRESETS, Qwen2ForCausalLM, grow_vocab, vocab_size_for
-from recllm_jax.models.config import Qwen2Config
+from recllm_jax.models.config import LORA_TARGETS, Qwen2Config, parse_lora_targets
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,8 @@ def model_config(model_cfg: ml_collections.ConfigDict, vocab_size: int,
   overrides = {k: model_cfg[k] for k in ARCH_OVERRIDES if model_cfg.get(k)}
   return PRESETS[model_cfg.preset](
       vocab_size=vocab_size, param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype,
-      remat=model_cfg.remat, dropout=model_cfg.get("dropout", 0.0), **overrides, **token_ids)
+      remat=model_cfg.remat, dropout=model_cfg.get("dropout", 0.0),
+      attention=model_cfg.get("attention", "auto"), **overrides, **token_ids)
 
 
 def _check_vocab(model: Qwen2ForCausalLM, tokenizer: Any, source: str) -> None:
@@ -308,6 +309,10 @@ def _model_from_workdir(source: InitSource, run_model_cfg: ml_collections.Config
   """
   saved = read_run_config(source.path)
   numerics = {k: run_model_cfg[k] for k in ("param_dtype", "dtype", "remat")}
+  # Run configs saved before `model.attention` existed pick the platform's kernel.
+  numerics["attention"] = run_model_cfg.get("attention", "auto")
+  if lora_settings(saved):
+    return _lora_model_from_workdir(source, saved, numerics, mesh, tokenizer)
   root = saved
   while root.get("init_from"):  # e.g. GRPO resumed from GRPO: the architecture is the root's
     inner = parse_init_from(root.init_from)
@@ -323,6 +328,33 @@ def _model_from_workdir(source: InitSource, run_model_cfg: ml_collections.Config
                          len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
   return restore_params(cfg, mesh, source.path, source.step)
+
+
+def _lora_model_from_workdir(source: InitSource, saved: ml_collections.ConfigDict,
+                             numerics: dict[str, Any], mesh: jax.sharding.Mesh,
+                             tokenizer: Any) -> Qwen2ForCausalLM:
+  """A LoRA run's model at `source.step`, adapters merged into the kernels: its base rebuilt
+  from its saved config (`base_pointer`, with this run's numerics), its adapters restored from
+  the checkpoint (which holds only them) and merged (`models.lora.merge_lora`)."""
+  import orbax.checkpoint as ocp
+
+  from recllm_jax.models.lora import merge_lora
+
+  run = ml_collections.ConfigDict(saved.to_dict())
+  run.model.update({k: v for k, v in numerics.items() if k in run.model})
+  model = build_model(run, mesh, tokenizer)
+  directory, step = _checkpoint_step(source.path, source.step)
+  graphdef, adapters, base = nnx.split(model, nnx.LoRAParam, ...)
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                        adapters)
+  restored = ocp.PyTreeCheckpointer().restore(
+      directory / str(step) / "state",
+      args=ocp.args.PyTreeRestore(
+          item={"params": target}, partial_restore=True,
+          restore_args={"params": ocp.checkpoint_utils.construct_restore_args(target)}))
+  log.info("restored the LoRA adapters of %s step %d onto its base %s", source.path, step,
+           base_pointer(saved))
+  return merge_lora(nnx.merge(graphdef, restored["params"], base))
 
 
 def _hf_config(path: str | Path, numerics: dict[str, Any]) -> Qwen2Config:
@@ -341,11 +373,68 @@ def _load_hf(path: str | Path, model_cfg: ml_collections.ConfigDict,
              mesh: jax.sharding.Mesh) -> Qwen2ForCausalLM:
   from recllm_jax.models.qwen2_hf import load_hf_model
   return load_hf_model(path, dtype=model_cfg.param_dtype, mesh=mesh,
-                       compute_dtype=model_cfg.dtype, remat=model_cfg.remat)
+                       compute_dtype=model_cfg.dtype, remat=model_cfg.remat,
+                       attention=model_cfg.get("attention", "auto"))
+
+
+def lora_settings(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
+  """`model.lora` as {rank, alpha, targets} (targets a tuple), None when LoRA is off (rank 0);
+  a bad value is a ConfigError naming its key."""
+  lora = config.model.get("lora")
+  if lora is None or not lora.rank:
+    return None
+  rank, alpha = lora.rank, lora.alpha
+  if not isinstance(rank, int) or rank < 0:
+    raise ConfigError(f"model.lora.rank={rank!r} must be an int >= 0 (0 = no LoRA)")
+  if not isinstance(alpha, (int, float)) or alpha <= 0:
+    raise ConfigError(f"model.lora.alpha={alpha!r} must be > 0 (the adapters are scaled by "
+                      "alpha / rank)")
+  targets = parse_lora_targets(lora.targets, key="model.lora.targets")
+  if not targets:
+    raise ConfigError(f"model.lora.targets={lora.targets!r} names no projection; expected a "
+                      f"comma-separated subset of {','.join(LORA_TARGETS)}")
+  return {"rank": rank, "alpha": float(alpha), "targets": targets}
+
+
+def base_pointer(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What a LoRA run's frozen base is rebuilt from (saved with its checkpoints): `init_from`,
+  or `model.hf_path`, or a random-init `model.preset` with `seed`."""
+  if config.get("init_from"):
+    return {"init_from": config.init_from}
+  if uses_pretrained(config.model):
+    return {"hf_path": config.model.hf_path}
+  return {"preset": config.model.preset, "seed": config.seed,
+          **{k: config.model[k] for k in ARCH_OVERRIDES if config.model.get(k)}}
+
+
+def checkpoint_metadata(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The metadata a run's checkpoints carry ({} without LoRA): the adapters' settings and the
+  base they apply to (`base_pointer`)."""
+  lora = lora_settings(config)
+  if lora is None:
+    return {}
+  return {"lora": {**lora, "targets": ",".join(lora["targets"])}, "base": base_pointer(config)}
 
 
 def build_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                 tokenizer: Any) -> Qwen2ForCausalLM:
+  """The model a run starts from (see the module docstring), sharded over `mesh`, with fresh
+  LoRA adapters (`models.lora.add_lora`) on the base when `model.lora.rank > 0`."""
+  model = build_base_model(config, mesh, tokenizer)
+  lora = lora_settings(config)
+  if lora is None:
+    return model
+  from recllm_jax.models.lora import add_lora
+  model = add_lora(model, lora["rank"], lora["alpha"], lora["targets"], seed=config.seed,
+                   mesh=mesh)
+  log.info("LoRA rank %d (alpha %g) on %s: %d trainable adapter params over a frozen base",
+           lora["rank"], lora["alpha"], ",".join(lora["targets"]),
+           sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam))))
+  return model
+
+
+def build_base_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                     tokenizer: Any) -> Qwen2ForCausalLM:
   """The model a run starts from (see the module docstring), sharded over `mesh`.
 
   HF weights (`model.hf_path`, `init_from=<hf dir>`) are grown to the tokenizer when it has more
@@ -386,6 +475,7 @@ def load_checkpoint(workdir: str | Path, step: int | None = None, *,
 
 
 __all__ = ["ARCH_OVERRIDES", "CONFIG_FILE", "DEEPSEEK_URL", "InitSource", "TOKENIZER_DIR",
-           "build_model", "check_model_choice", "check_model_path", "load_checkpoint",
+           "base_pointer", "build_base_model", "build_model", "check_model_choice",
+           "checkpoint_metadata", "lora_settings", "check_model_path", "load_checkpoint",
            "load_tokenizer", "model_config", "parse_init_from", "read_run_config",
            "restore_params", "saved_vocab_size", "uses_pretrained"]

@@ -15,7 +15,8 @@ import ml_collections
 
 from recllm_jax import paths, sharding
 from recllm_jax.errors import ConfigError, MissingPathError
-from recllm_jax.models.config import dtype_from_name
+from recllm_jax.models import fused_attention
+from recllm_jax.models.config import dtype_from_name, resolve_attention
 from recllm_jax.train import build
 
 # Config keys holding paths (at any depth): `~` and `$VAR` are expanded in them.
@@ -119,12 +120,19 @@ def check_config(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   if config.train.grad_accum_steps < 1:
     raise ConfigError(f"train.grad_accum_steps={config.train.grad_accum_steps} must be >= 1")
   build.check_model_choice(config)
+  build.lora_settings(config)
   check_precision(config)
+  check_attention(config)
   profile_steps(config)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   check_batch_split(batch_rows(config), batch_factors(config, mesh))
   check_paths(config)
   return mesh
+
+
+def check_attention(config: ml_collections.ConfigDict) -> None:
+  """`model.attention` names an implementation whose kernel runs on this platform."""
+  fused_attention.check_platform(resolve_attention(config.model.get("attention", "auto")))
 
 
 def check_precision(config: ml_collections.ConfigDict) -> None:
@@ -134,6 +142,11 @@ def check_precision(config: ml_collections.ConfigDict) -> None:
     return
   if master != "float32":
     raise ConfigError(f"train.master_dtype={master!r}; expected '' (none) or 'float32'")
+  if build.lora_settings(config):
+    raise ConfigError(
+        f"train.master_dtype={master!r} with model.lora.rank={config.model.lora.rank}: LoRA "
+        "adapters are always fp32 (only they are updated), so a master copy is never needed; "
+        "set train.master_dtype=''")
   if jnp.dtype(dtype_from_name(config.model.param_dtype)) == jnp.float32:
     raise ConfigError(
         f"train.master_dtype={master!r} keeps an fp32 copy of low-precision params, but "

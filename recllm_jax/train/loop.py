@@ -86,6 +86,12 @@ def _non_finite(step: int, metrics: dict[str, Any], last_saved: int | None) -> s
           "lower train.lr or a smaller train.max_grad_norm).")
 
 
+def _extra_state(task: Task) -> Any:
+  """The task's own checkpointed state (`Task.extra_state`, optional), or None."""
+  extra_state = getattr(task, "extra_state", None)
+  return None if extra_state is None else extra_state()
+
+
 PROFILE_DIR = "profile"  # <workdir>/profile: jax.profiler traces (`profile.steps`)
 
 
@@ -152,19 +158,26 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
   optimizer = optim.make_optimizer(schedule, weight_decay=tc.weight_decay,
                                    max_grad_norm=tc.max_grad_norm, b1=tc.b1, b2=tc.b2,
                                    master_dtype=tc.master_dtype)
-  graphdef, state = optim.init_train_state(model, optimizer, config.seed)
+  # A LoRA run (model.lora.rank > 0) trains, and saves, only its adapters.
+  trainable = optim.trainable_filter(model_cfg)
+  graphdef, state = optim.init_train_state(model, optimizer, config.seed, wrt=trainable)
   del model  # the train state owns the parameters from here on
 
   data = task.train_iterator()
   ckpt = checkpoint.Checkpointer(workdir, every=tc.checkpoint_every, keep=tc.keep_checkpoints,
-                                 async_save=tc.async_checkpoint)
+                                 async_save=tc.async_checkpoint,
+                                 saved_params=trainable if model_cfg.lora_rank else None,
+                                 metadata=build.checkpoint_metadata(config))
   start = ckpt.latest_step() or 0
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
   task.setup(Run(graphdef=graphdef, optimizer=optimizer, schedule=schedule,
                  state_sharding=sharding.shardings_of(state), mesh=mesh, model_cfg=model_cfg,
-                 writer=writer, initial_params=state.params, workdir=workdir))
+                 writer=writer, initial_params=state.params, workdir=workdir,
+                 trainable=trainable))
   if start:
     state = ckpt.restore(start, state, data)
+    if _extra_state(task) is not None:
+      task.restore_extra_state(ckpt.restore_extra(start, _extra_state(task)))
   last_saved = start or None
   log.info("task %s; model: %s; %d params; peak %.3g FLOP/s per device (%s)", task.name,
            model_cfg, sum(x.size for x in jax.tree.leaves(state.params)), peak, peak_source)
@@ -198,14 +211,14 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
           held_out = task.evaluate(state)
           if held_out:
             writer.write(step, held_out)
-        if ckpt.save(step, state, data):
+        if ckpt.save(step, state, data, extra=_extra_state(task)):
           last_saved = step
         bar.update(1)
   finally:
     profiler.stop()
     bar.close()
     if healthy and consistent and step > (last_saved or 0):
-      ckpt.save(step, state, data, force=True)
+      ckpt.save(step, state, data, force=True, extra=_extra_state(task))
     ckpt.close()
     writer.close()
   return row

@@ -151,13 +151,29 @@ def _shardings_following_params(abstract_state: TrainState,
   return jax.tree.map_with_path(sharding_for, abstract_state)
 
 
+def trainable_filter(model_cfg: Any) -> Any:
+  """The nnx filter of the params a run trains: `nnx.LoRAParam` for a LoRA model
+  (`model.lora.rank > 0`: the base is frozen), else every `nnx.Param`."""
+  return nnx.LoRAParam if getattr(model_cfg, "lora_rank", 0) else nnx.Param
+
+
+def split_trainable(params: nnx.State, wrt: Any = nnx.Param) -> tuple[nnx.State, nnx.State]:
+  """(trainable, frozen) parts of `params` by the nnx filter `wrt` (frozen empty for Param)."""
+  return nnx.split_state(params, wrt, ...)
+
+
 def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation,
-                     seed: int) -> tuple[nnx.GraphDef, TrainState]:
-  """Splits the (sharded) model and builds the train state with FSDP-sharded moments."""
+                     seed: int, wrt: Any = nnx.Param) -> tuple[nnx.GraphDef, TrainState]:
+  """Splits the (sharded) model and builds the train state with FSDP-sharded moments.
+
+  `params` holds every parameter; the optimizer state covers only those `wrt` selects (a LoRA
+  run: `nnx.LoRAParam`, so the frozen base has no Adam moments).
+  """
   graphdef, params = nnx.split(model, nnx.Param)
 
   def init(p):
-    return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p),
+    return TrainState(step=jnp.zeros((), jnp.int32), params=p,
+                      opt_state=optimizer.init(split_trainable(p, wrt)[0]),
                       rng=jax.random.key_data(jax.random.key(seed)))
 
   shardings = _shardings_following_params(jax.eval_shape(init, params), params)
@@ -186,11 +202,14 @@ def _split_micro(batch: Mapping[str, jax.Array], n: int) -> dict[str, jax.Array]
 
 
 def _accumulated_grads(graphdef: nnx.GraphDef, loss_fn: LossFn, params: nnx.State,
-                       batch: Mapping[str, jax.Array], rng: jax.Array, grad_accum_steps: int):
-  """Sums of loss, weight, aux and gradients over micro-batches (one `lax.scan`)."""
+                       batch: Mapping[str, jax.Array], rng: jax.Array, grad_accum_steps: int,
+                       frozen: nnx.State | None = None):
+  """Sums of loss, weight, aux and gradients (w.r.t. `params`; `frozen` params are merged into
+  the model but not differentiated) over micro-batches (one `lax.scan`)."""
+  frozen_states = () if frozen is None else (frozen,)
 
   def summed(p, micro, key):
-    loss_sum, weight, aux = loss_fn(nnx.merge(graphdef, p), micro, key)
+    loss_sum, weight, aux = loss_fn(nnx.merge(graphdef, p, *frozen_states), micro, key)
     return loss_sum, (weight, aux)
 
   grad_fn = jax.value_and_grad(summed, has_aux=True)
@@ -214,8 +233,11 @@ def _accumulated_grads(graphdef: nnx.GraphDef, loss_fn: LossFn, params: nnx.Stat
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
                     loss_fn: LossFn, schedule: optax.Schedule,
                     grad_accum_steps: int = 1,
-                    state_sharding: TrainState | None = None) -> StepFn:
+                    state_sharding: TrainState | None = None, wrt: Any = nnx.Param) -> StepFn:
   """`state, batch -> state, metrics`, jitted with the state donated.
+
+  Only the params `wrt` selects (`trainable_filter`: LoRA adapters, or all) are differentiated
+  and updated; the others pass through unchanged (a LoRA run's frozen base).
 
   `state_sharding` (`sharding.shardings_of(initial_state)`) pins the output state to the input
   layout, so step 2 never recompiles for a layout XLA picked in step 1. `grad_accum_steps`
@@ -227,12 +249,13 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
   def step(state: TrainState, batch: Mapping[str, jax.Array]):
     rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
+    trainable, frozen = split_trainable(state.params, wrt)
     loss_sum, weight, aux, grads = _accumulated_grads(
-        graphdef, loss_fn, state.params, batch, step_rng, grad_accum_steps)
+        graphdef, loss_fn, trainable, batch, step_rng, grad_accum_steps, frozen)
     denom = jnp.maximum(weight, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
+    params = nnx.merge_state(optax.apply_updates(trainable, updates), frozen)
     metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads),
                "learning_rate": schedule(state.step), "weight": weight,
                **{k: v / denom for k, v in aux.items()}}
@@ -260,4 +283,4 @@ def make_eval_step(graphdef: nnx.GraphDef, loss_fn: LossFn
 
 __all__ = ["LossFn", "MasterParamsState", "StepFn", "TrainState", "init_train_state",
            "make_eval_step", "make_optimizer", "make_schedule", "make_train_step",
-           "with_master_params"]
+           "split_trainable", "trainable_filter", "with_master_params"]

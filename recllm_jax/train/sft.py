@@ -181,7 +181,8 @@ class SftTask:
     """Jits the update (state donated, layout pinned) and the validation loss."""
     self.run = run
     self._update = optim.make_train_step(run.graphdef, run.optimizer, self.loss_fn, run.schedule,
-                                         self.config.train.grad_accum_steps, run.state_sharding)
+                                         self.config.train.grad_accum_steps, run.state_sharding,
+                                         wrt=run.trainable)
     self._eval_step = optim.make_eval_step(run.graphdef, self.loss_fn)
 
   def step(self, state: optim.TrainState, batch: pipeline.Batch):

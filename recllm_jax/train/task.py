@@ -43,6 +43,8 @@ class Run:
   optimizer, schedule: the optax transformation and its LR schedule (over optimizer updates).
   state_sharding: the train state's layout; jitted updates pin their outputs to it.
   initial_params: the params before training or restore (e.g. GRPO's frozen reference).
+  trainable: the nnx filter of the params updates differentiate and change (`nnx.LoRAParam`
+    for a LoRA run, whose base is frozen; else `nnx.Param`); pass it to `make_train_step`.
   """
 
   graphdef: nnx.GraphDef
@@ -54,6 +56,7 @@ class Run:
   writer: metrics_lib.MetricsWriter
   initial_params: nnx.State
   workdir: epath.Path
+  trainable: Any = nnx.Param  # nnx filter of the trained params (`optim.trainable_filter`)
 
   @property
   def vocab_size(self) -> int:
@@ -66,6 +69,10 @@ class Task(Protocol):
   `updates_per_step` optimizer updates happen per loop step (the LR schedule counts updates).
   `step` returns the new state, its metrics (at least `loss` and `grad_norm`, for the NaN
   guard) and its `Work`; `evaluate` returns held-out metrics (empty without held-out data).
+
+  Optional: `extra_state()` returns state of the task's own that a resume needs (a pytree of
+  arrays, or None for none), saved with every checkpoint; after a restore the loop hands the
+  saved value (None if the checkpoint has none) to `restore_extra_state(restored)`.
   """
 
   name: str

@@ -144,6 +144,51 @@ def test_rank_aware_uses_hit_at_k():
   assert _call("rank_aware", _sample(["D"], rank=1, group=group), _ctx(k=1)) == 0.0
 
 
+# -------------------------------------------------------------------------- rank_aware vs ndcg_rule
+
+# MiniOneRec's penalties for G = 4, by hand: gains 1/log2(r + 2) = 1, 0.63093, 0.5, 0.43068,
+# sum 2.56161; penalty_r = -gain_r / sum.
+P4 = [-0.390380, -0.246302, -0.195190, -0.168128]
+
+
+@pytest.mark.parametrize(
+  "group, rank_aware, ndcg_rule, rule",
+  [
+    # Target C at rank 0: every wrong beam pays its rank's penalty, the hit 0.
+    ([["C"], ["A"], ["D"], ["E"]], [0.0, P4[1], P4[2], P4[3]], [0.0, P4[1], P4[2], P4[3]], [1, 0, 0, 0]),
+    # Target at rank 3: the confident wrong beam at rank 0 pays most.
+    ([["A"], ["D"], ["E"], ["C"]], [P4[0], P4[1], P4[2], 0.0], [P4[0], P4[1], P4[2], 0.0], [0, 0, 0, 1]),
+    # No hit in the group: all 0 (no signal from either).
+    ([["A"], ["D"], ["E"], ["F"]], [0.0] * 4, [0.0] * 4, [0, 0, 0, 0]),
+    # Where they differ: a two-item answer holding the target is a Hit@K hit for rank_aware,
+    # but not MiniOneRec's exact answer, so ndcg_rule sees a group without a hit.
+    ([["A", "C"], ["D"], ["E"], ["F"]], [0.0, P4[1], P4[2], P4[3]], [0.0] * 4, [0, 0, 0, 0]),
+  ],
+)
+def test_rank_aware_and_ndcg_rule_by_hand(group, rank_aware, ndcg_rule, rule):
+  samples = [_sample(items, rank=r, group=group) for r, items in enumerate(group)]
+  np.testing.assert_allclose([_call("rank_aware", s) for s in samples], rank_aware, atol=1e-6)
+  np.testing.assert_allclose([_call("ndcg_rule", s) for s in samples], ndcg_rule, atol=1e-6)
+  assert [_call("rule", s) for s in samples] == rule
+
+
+def test_ndcg_rule_reads_the_explicit_rank_and_penalises_malformed():
+  group = [["C"], [], ["A"], ["D"]]  # member 1 is malformed: a wrong answer
+  samples = [_sample(g, reason="ok" if g else "no_answer", rank=r, group=group) for r, g in enumerate(group)]
+  np.testing.assert_allclose([_call("ndcg_rule", s) for s in samples], [0.0, P4[1], P4[2], P4[3]], atol=1e-6)
+  # The rank is the sample's field, not its position: row 2 ranked first pays rank 0's penalty.
+  assert _call("ndcg_rule", _sample(["A"], rank=0, group=group)) == pytest.approx(P4[0], abs=1e-6)
+  assert _call("ndcg_rule", _sample(["A"])) == 0.0  # a group of one without a hit
+  assert _call("rule", _sample(["C"], reason="unclosed_think")) == 0.0
+
+
+def test_ranks_from_scores_rank_each_group_by_descending_score():
+  scores = [-1.0, -3.0, -0.5, -3.0, 0.0, -2.0]  # two groups of 3
+  np.testing.assert_array_equal(R.ranks_from_scores(scores, 3), [1, 2, 0, 2, 0, 1])
+  # A tie (rows 1 and 3) keeps row order.
+  np.testing.assert_array_equal(R.ranks_from_scores([-1.0, -3.0, -0.5, -3.0], 4), [1, 2, 0, 3])
+
+
 # -------------------------------------------------------------------------- diversity / novelty / business
 
 
@@ -242,6 +287,8 @@ def test_malformed_completion_scores(reason):
     "ndcg": 0.0,
     "recall": 0.0,
     "rank_aware": 0.0,  # no group with a hit
+    "rule": 0.0,
+    "ndcg_rule": 0.0,  # no group with a hit
     "diversity": 0.0,
     "novelty": 0.0,
     "business": 0.0,
@@ -254,7 +301,7 @@ def test_malformed_completion_scores(reason):
 def test_malformed_with_parsed_titles_still_scores_zero():
   # Even if a parser kept titles, a bad reason zeroes content rewards.
   s = _sample(["C", "A"], reason="unclosed_answer")
-  assert [_call(n, s) for n in ("hit", "ndcg", "recall", "diversity", "novelty")] == [0.0] * 5
+  assert [_call(n, s) for n in ("hit", "ndcg", "recall", "rule", "diversity", "novelty")] == [0.0] * 6
 
 
 def test_unknown_item_reason():

@@ -80,3 +80,28 @@ def test_bad_layouts_and_names_are_clear_errors():
     adv_lib.compute_advantages(jnp.zeros(6), 3, estimator="ppo")
   with pytest.raises(ValueError, match="already registered"):
     adv_lib.register_advantage("grpo")(adv_lib.dr_grpo_advantages)
+
+
+# --- dynamic sampling (DAPO) ---------------------------------------------------------------------
+
+
+def test_group_has_signal_is_the_negation_of_zero_std():
+  np.testing.assert_array_equal(adv_lib.group_has_signal(jnp.asarray(REWARDS), G), [True, False, True])
+
+
+@pytest.mark.parametrize("signal, size, expected", [
+    # Round 0 has 2 of 4 groups with signal; round 1 adds two more: the first 4 with signal.
+    ([False, True, False, True, True, False, True, True], 4, [1, 3, 4, 6]),
+    # Enough in round 0 already.
+    ([True, True, False, True], 2, [0, 1]),
+    # Too few with signal after every round: the earliest zero-signal groups fill in.
+    ([False, True, False, False, False, False], 3, [0, 1, 2]),
+    ([False, False, False, False], 2, [0, 1]),
+])
+def test_select_groups_by_hand(signal, size, expected):
+  assert adv_lib.select_groups(signal, size) == expected
+
+
+def test_select_groups_needs_enough_groups():
+  with pytest.raises(ValueError):
+    adv_lib.select_groups([True], 2)

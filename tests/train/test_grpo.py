@@ -1,5 +1,7 @@
 """GRPO task: rollout rows, the ratio at the first update in every rollout mode, constrained
-answers, resume after SIGKILL, and (slow) that GRPO raises the held-out reward over its SFT init."""
+answers, resume after SIGKILL, the recipe keys (config errors; slow: reference sync and its
+resume, add_gt, dynamic sampling), and (slow) that GRPO raises the held-out reward over its SFT
+init."""
 
 from __future__ import annotations
 
@@ -249,3 +251,129 @@ def test_load_checkpoint_restores_params_only(sft_dir):
   assert summary(nnx.state(model, nnx.Param)) == summary(raw["params"])
   ids = np.asarray([tokenizer.encode("Orbit", add_special_tokens=False)], np.int32)
   assert np.isfinite(np.asarray(model(ids, np.ones_like(ids)))).all()
+
+
+# --- MiniOneRec / DAPO recipe pieces ------------------------------------------------------------
+
+
+def test_recipe_keys_bad_values_are_config_errors():
+  from recllm_jax.errors import ConfigError
+  from recllm_jax.train.grpo import check_recipe_keys
+
+  check_recipe_keys(grpo_configs.get_config("minionerec").grpo)  # the preset itself is valid
+  for key, value, match in [("ref_sync_every", -1, "grpo.ref_sync_every"),
+                            ("ref_sync_alpha", 0.0, "grpo.ref_sync_alpha"),
+                            ("ref_sync_alpha", 1.5, "grpo.ref_sync_alpha"),
+                            ("dynamic_sampling_max_rounds", -1, "grpo.dynamic_sampling_max_rounds"),
+                            ("add_gt", True, "grpo.add_gt")]:
+    gc = grpo_configs.get_config("tiny").grpo  # cot rollout: add_gt needs beam
+    with gc.unlocked():
+      gc[key] = value
+    with pytest.raises(ConfigError, match=match):
+      check_recipe_keys(gc)
+
+
+def test_mix_params_and_sync_steps_by_hand():
+  from recllm_jax.train.grpo import mix_params, ref_sync_due
+
+  policy, ref = {"w": jax.numpy.array([1.0, 2.0])}, {"w": jax.numpy.array([3.0, 6.0])}
+  np.testing.assert_allclose(mix_params(policy, ref, 0.6)["w"], [0.6 + 1.2, 1.2 + 2.4])
+  np.testing.assert_array_equal(mix_params(policy, ref, 1.0)["w"], [1.0, 2.0])
+  assert [s for s in range(1, 11) if ref_sync_due(s, 4)] == [4, 8]
+  assert not any(ref_sync_due(s, 0) for s in range(1, 11))
+
+
+@pytest.mark.slow
+def test_ref_sync_happens_every_n_steps_and_resumes_exactly(tmp_path, sft_dir, data_dir):
+  """ref_sync_every=2, alpha 1: the reference is the policy after steps 2 and 4, so the first
+  update of steps 1 and 3 has KL 0 (policy = reference) and steps 2 and 4 do not. A run
+  stopped after step 3 (its checkpoint holds the reference synced at step 2) and resumed
+  logs step 4 as the uninterrupted run does; with the init_from reference it would not."""
+  from recllm_jax.train.loop import train
+
+  sync = {"grpo.ref_sync_every": 2, "grpo.beta": 0.04, "grpo.samples_every": 0}
+  train(grpo_config(tmp_path / "full", sft_dir, data_dir, **sync, **{"train.num_steps": 4}))
+  full = [r for r in read_metrics(tmp_path / "full") if "reward" in r]
+  assert [r["ref_synced"] for r in full] == [0, 1, 0, 1]
+  assert full[0]["kl"] < 1e-7 and full[2]["kl"] < 1e-7, [r["kl"] for r in full]
+  assert full[1]["kl"] > 1e-5 and full[3]["kl"] > 1e-5, [r["kl"] for r in full]
+
+  train(grpo_config(tmp_path / "resumed", sft_dir, data_dir, **sync, **{"train.num_steps": 3}))
+  assert (tmp_path / "resumed" / "checkpoints" / "3" / "task").exists()
+  train(grpo_config(tmp_path / "resumed", sft_dir, data_dir, **sync, **{"train.num_steps": 4}))
+  resumed = {r["step"]: r for r in read_metrics(tmp_path / "resumed") if "reward" in r}
+  assert sorted(resumed) == [1, 2, 3, 4]
+  for key in ("reward", "loss", "kl", "grad_norm"):
+    assert resumed[4][key] == pytest.approx(full[3][key], rel=1e-5, abs=1e-8), key
+
+
+@pytest.fixture(scope="module")
+def beam_task(tmp_path_factory, sft_dir, data_dir):
+  """A set-up beam-rollout task (no training) shared by the add_gt and dynamic-sampling tests."""
+  config = grpo_config(tmp_path_factory.mktemp("beam") / "run", sft_dir, data_dir, **{
+      "grpo.rollout": "beam", "grpo.max_new_tokens": 32, "grpo.samples_every": 1,
+      "grpo.num_samples_logged": 8})
+  return _setup(config)
+
+
+@pytest.mark.slow
+def test_add_gt_puts_the_target_in_place_of_the_last_beam(beam_task):
+  from recllm_jax.rec.rewards import REWARDS
+  from recllm_jax.train.grpo import add_ground_truth
+
+  task, state = beam_task
+  g = task.gc.num_generations
+  batch = next(task.train_iterator())
+  rollout = task.rollout(state.params, batch, jax.random.key(0))
+  indices = [int(i) for i in batch["example_index"]]
+  targets = [task.dataset.train[i].targets for i in indices]
+  prompts = [task.prompt("train", i)[0] for i in indices]
+  new, changed = add_ground_truth(rollout, targets, task.rollout_engine, prompts, g)
+  lacking = [p for p in range(len(indices))
+             if not any(set(rollout.items[r]) & set(targets[p]) for r in range(p * g, p * g + g))]
+  assert changed == len(lacking)
+  for p in range(len(indices)):
+    for r in range(p * g, p * g + g):
+      replaced = p in lacking and r == p * g + g - 1
+      assert (new.items[r] == (targets[p][0],)) if replaced else new.items[r] == rollout.items[r]
+  samples, _, _, _ = task.score("train", indices, new, g)
+  for p in lacking:  # the target row reads back as the target item, at rank G-1
+    s = samples[p * g + g - 1]
+    assert s.item_ids == (targets[p][0],) and s.group_rank == g - 1, s
+    assert REWARDS["rule"](s, task.reward_ctx) == 1.0
+
+
+@pytest.mark.slow
+def test_dynamic_sampling_refills_with_groups_that_carry_signal(beam_task, monkeypatch):
+  """Hand-made rewards: a group has signal iff its example index is even. The step trains on
+  the first batch_size such groups over up to 2 extra rounds, in draw order."""
+  from recllm_jax.train import advantages as adv_lib
+
+  task, state = beam_task
+  size = task.config.train.batch_size
+  with task.gc.unlocked():
+    task.gc.dynamic_sampling, task.gc.dynamic_sampling_max_rounds = True, 2
+  drawn, trained = [], []
+  real_score = task.score
+
+  def score(split, indices, rollout, group_size):
+    samples, _, _, reasons = real_score(split, indices, rollout, group_size)
+    drawn.extend(indices)
+    total = np.array([float(j) if i % 2 == 0 else 0.0 for i in indices for j in range(group_size)])
+    return samples, total, {"made_up": total}, reasons
+
+  monkeypatch.setattr(task, "score", score)
+  monkeypatch.setattr(task, "_log_samples", lambda step, indices, *a: trained.extend(indices))
+  data = task.train_iterator()
+  try:
+    _, metrics, _ = task.step(state, next(data))
+  finally:
+    with task.gc.unlocked():
+      task.gc.dynamic_sampling = False
+  signal = [i % 2 == 0 for i in drawn]
+  expected_rounds = next((r for r in range(3) if sum(signal[:(r + 1) * size]) >= size), 2)
+  assert metrics["dynamic/rounds"] == expected_rounds == len(drawn) // size - 1
+  assert expected_rounds >= 1, drawn  # this seed's first batch lacks signal: a refill happened
+  assert trained == [drawn[i] for i in adv_lib.select_groups(signal, size)]
+  assert metrics["dynamic/groups_kept"] == min(size, sum(signal))
+  assert metrics["frac_zero_std"] == pytest.approx(1 - min(size, sum(signal)) / size)
