@@ -238,6 +238,7 @@ def test_hf_weights_grow_to_the_tokenizer(tmp_path, hf_checkpoint):
       np.testing.assert_array_equal(_rows(grown)[name][:HF_VOCAB], rows)
 
 
+@pytest.mark.slow  # ~15 s: a whole grown-vocabulary run; the unit tests above stay default
 @pytest.mark.filterwarnings("ignore:Sharding info not provided")  # the raw restore below
 def test_grown_hf_run_trains_resumes_restores_and_plans(tmp_path, hf_checkpoint, bpe):
   import orbax.checkpoint as ocp

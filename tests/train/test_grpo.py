@@ -179,6 +179,9 @@ def _cli(workdir: Path, sft_dir: Path, data_dir: Path, **overrides) -> list[str]
           *(f"--config.{k}={v}" for k, v in args.items())]
 
 
+# ~40 s (two subprocess runs); the loop's own SIGKILL test (tests/train/test_loop.py) stays in
+# the default suite.
+@pytest.mark.slow
 def test_resume_after_sigkill_replays_the_same_rollouts(tmp_path, sft_dir, data_dir):
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   run = {"train.num_steps": 8, "train.checkpoint_every": 4}

@@ -63,6 +63,8 @@ def _step(mesh, grad_accum_steps, micro_shardings):
   return jax.device_get(metrics), jax.device_get(state.params)
 
 
+# ~20 s; tests/train/test_sft.py checks accumulation = one big batch in the default suite.
+@pytest.mark.slow
 def test_micro_batches_span_all_batch_devices_and_match_one_batch():
   mesh = sharding.make_mesh(data=2, fsdp=4)
   seen = []
