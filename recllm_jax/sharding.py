@@ -190,24 +190,35 @@ def abstract_module(constructor: Callable[[], nnx.Module]) -> nnx.Module:
     return nnx.eval_shape(constructor)
 
 
-def create_sharded(constructor: Callable[[], nnx.Module], mesh: Mesh | None = None) -> nnx.Module:
+def create_sharded(constructor: Callable[..., nnx.Module], mesh: Mesh | None = None, *,
+                   seed: int | None = None) -> nnx.Module:
   """Builds a module with every variable created directly in its sharded layout.
 
   The constructor is traced abstractly first (`nnx.eval_shape`), then run under `jit` with
   `out_shardings`, so no device ever holds an unsharded copy of the weights.
+
+  With `seed`, `constructor(rngs)` receives `nnx.Rngs(jax.random.key(seed))` built from a key
+  passed *into* the jitted init. Use it for large random inits: a key made inside the jit from
+  a Python int is a compile-time constant, and XLA may then constant-fold the whole random
+  init at compile time (the 1.5B's took 6 minutes to compile on an H200, 1.5 s on a CPU). The
+  values are the same as `constructor()` building `nnx.Rngs(seed)` itself.
   """
-  abstract = abstract_module(constructor)
+  if seed is None:
+    build = lambda key: constructor()  # noqa: E731
+  else:
+    build = lambda key: constructor(nnx.Rngs(key))  # noqa: E731
+  abstract = abstract_module(lambda: build(jax.random.key(0 if seed is None else seed)))
   graphdef, abstract_state = nnx.split(abstract)
   out_shardings = None if mesh is None else logical_shardings(abstract_state, mesh)
 
   @jax.jit
-  def init():
-    state = nnx.state(constructor())
+  def init(key):
+    state = nnx.state(build(key))
     if out_shardings is not None:
       state = jax.lax.with_sharding_constraint(state, out_shardings)
     return state
 
-  return nnx.merge(graphdef, init())
+  return nnx.merge(graphdef, init(jax.random.key(0 if seed is None else seed)))
 
 
 def shardings_of(tree: Any) -> Any:

@@ -113,6 +113,10 @@ def test_create_sharded_never_builds_an_unsharded_copy():
   # Same values as an unsharded (jitted) init with the same seed.
   ref = sharding.create_sharded(lambda: Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0)), mesh=None)
   np.testing.assert_array_equal(np.asarray(up), np.asarray(ref.layers[0].mlp.up_proj.kernel[...]))
+  # The seed passed as a traced key (no compile-time constant to fold) draws the same weights.
+  seeded = sharding.create_sharded(lambda rngs: Qwen2ForCausalLM(cfg, rngs=rngs), mesh, seed=0)
+  for a, b in zip(jax.tree.leaves(nnx.state(seeded)), jax.tree.leaves(nnx.state(model))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_load_and_create_inside_a_mesh_context(hf_checkpoint):

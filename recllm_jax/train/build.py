@@ -457,8 +457,8 @@ def build_base_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                               config.seed, f"model.hf_path={model_cfg.hf_path!r}")
   cfg = model_config(model_cfg, len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-  return sharding.create_sharded(lambda: Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(config.seed)),
-                                 mesh)
+  return sharding.create_sharded(lambda rngs: Qwen2ForCausalLM(cfg, rngs=rngs), mesh,
+                                 seed=config.seed)
 
 
 def load_checkpoint(workdir: str | Path, step: int | None = None, *,
