@@ -3,6 +3,8 @@
 Override any config key with `--config.key=value` (e.g. `--config.train.num_steps=50`);
 unknown keys are rejected. Re-running the same command resumes from the latest checkpoint in
 `--config.workdir`; SIGTERM (a preemption notice) saves at the next step boundary and exits 0.
+One writer per workdir: a run holds `<workdir>/.lock` (process 0 takes it), and a second run on
+that workdir stops at once with one line naming the holder (host, pid, start time), exit 2.
 
 Multi-host: run the same command on every host (one process each). JAX detects TPU pod slices
 and SLURM / Open MPI jobs by itself; elsewhere (e.g. several processes on one machine) set
@@ -17,6 +19,7 @@ never a traceback; a traceback means a bug.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -58,32 +61,75 @@ def _innermost_user_error(error: BaseException) -> BaseException | None:
   return found
 
 
-def _unknown_key_message(error: BaseException, argv: list[str]) -> str | None:
-  """A message for a `--config.<key>` that the locked config lacks, else None.
+_OVERRIDE = re.compile(r"-{1,2}(no)?config\.")  # as config_flags finds its overrides
 
-  ml_collections raises AttributeError(KeyError("'key'\\nDid you mean ...?")).
+
+def _config_arg(argv: list[str]) -> str | None:
+  """The value of `--config` in `argv` (`--config=F[:preset]` or `--config F[:preset]`)."""
+  for i, arg in enumerate(argv):
+    name, eq, value = arg.partition("=")
+    if name in ("-config", "--config"):
+      return value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+  return None
+
+
+def _config_file_error(error: BaseException, config_arg: str) -> str:
+  """One line for a config file that cannot be loaded (missing, a directory, ...)."""
+  cause = str(error.__cause__ or error).strip().splitlines()[-1].strip()
+  return f"--config={config_arg.split(':', 1)[0]}: {cause}"
+
+
+def _override_message(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS
+                      ) -> str | None:
+  """One line for the first `--config` or `--config.<key>` argument that cannot apply, else None.
+
+  config_flags raises a bare KeyError / AttributeError / OSError for a key under a missing
+  parent (`--config.model.nosuch.rank=8`), a key below a plain value (`--config.train.lr.x=1`)
+  or a config file that cannot be loaded; this re-loads the config (its `get_config` is cheap)
+  and walks each override's path to say which part is wrong.
   """
-  while error.args and isinstance(error.args[0], BaseException):
-    error = error.args[0]
-  text = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
-  key, _, hint = text.partition("\n")
-  key = key.strip("'\"")
-  flag = next((a for a in argv if a.startswith("--config.")
-               and a.partition("=")[0].split(".")[-1] == key), None)
-  if flag is None:
+  from ml_collections import ConfigDict
+
+  config_arg = _config_arg(argv)
+  if config_arg is None:
     return None
-  return f"{flag}: no such config key. {hint.strip()}".strip()
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing with user errors reported by `fail` (absl prints several lines)."""
   try:
-    return flags.FLAGS(argv)
-  except (AttributeError, KeyError) as e:
-    message = _unknown_key_message(e, argv)
-    if message is None:
-      raise
-    fail(message)
+    config = flag_values["config"].parser.parse(config_arg)  # config_flags' file parser
+  except Exception:  # the config file itself crashed: not ours to explain
+    return None
+  try:
+    config.keys()
+  except OSError as e:  # ml_collections defers a load error to the first access
+    return _config_file_error(e, config_arg)
+  for arg in argv:
+    if not _OVERRIDE.match(arg):
+      continue
+    flag = arg
+    parts = arg.partition("=")[0].split(".", 1)[1].split(".")
+    node = config
+    for depth, part in enumerate(parts):
+      where = ".".join(parts[:depth + 1])
+      if not isinstance(node, ConfigDict):
+        parent = ".".join(parts[:depth])
+        return (f"{flag}: no such config key; {parent} is a {type(node).__name__} "
+                f"({node!r}), not a group of keys")
+      try:
+        node = node[part]
+      except KeyError as e:  # ConfigDict's text: "'key'\nDid you mean ...?"
+        text = e.args[0] if e.args and isinstance(e.args[0], str) else ""
+        hint = text.partition("\n")[2].strip()
+        leaf = depth == len(parts) - 1
+        return f"{flag}: no such config key{'' if leaf else f' {where!r}'}. {hint}".strip()
+  return None
+
+
+def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
+  """absl flag parsing with every user error reported by `fail` as one line.
+
+  `flag_values`: the flags to parse into (tests pass their own `FlagValues`).
+  """
+  try:
+    return flag_values(argv)
   except flags.Error as e:
     user_error = _innermost_user_error(e)
     if user_error is not None:
@@ -91,6 +137,11 @@ def parse_flags(argv: list[str]) -> list[str]:
     if "Traceback" in str(e):
       raise  # a config file crashed: a bug, keep its traceback
     fail(str(e))
+  except (AttributeError, KeyError, OSError, ValueError, TypeError):
+    message = _override_message(argv, flag_values)
+    if message is None:
+      raise
+    fail(message)
 
 
 def start_script(argv: list[str]) -> None:
@@ -102,17 +153,16 @@ def start_script(argv: list[str]) -> None:
   logging.getLogger("jax").setLevel(logging.WARNING)  # e.g. "Unable to initialize backend 'tpu'"
 
 
-def load_config():
+def load_config(flag_values: flags.FlagValues = flags.FLAGS):
   """The parsed `--config`; a config file that fails to load ends in `fail` (one line).
 
   ml_collections defers a config file's load error to the first access, so this touches it.
   """
-  config = flags.FLAGS.config
+  config = flag_values.config
   try:
     config.get("workdir")
   except OSError as e:
-    cause = str(e.__cause__ or e).strip().splitlines()[-1].strip()
-    fail(f"--config={config_flags.get_config_filename(flags.FLAGS['config'])}: {cause}")
+    fail(_config_file_error(e, config_flags.get_config_filename(flag_values["config"])))
   return config
 
 
@@ -123,6 +173,8 @@ def main(argv: list[str]) -> None:
 
   from recllm_jax import distributed
   from recllm_jax.errors import UserError
+  from recllm_jax.train import workdir_lock
+  from recllm_jax.train.checks import expand_paths
   from recllm_jax.train.loop import train
 
   config = load_config()
@@ -131,7 +183,11 @@ def main(argv: list[str]) -> None:
     distributed.initialize(config)
     if jax.process_index() != 0:  # one voice: INFO logs and the progress bar from process 0
       logging.getLogger().setLevel(logging.WARNING)
-    train(config)
+    # One writer per workdir, checked before any heavy work: process 0 holds the lock for the
+    # job, the others never touch it (recllm_jax/train/workdir_lock.py).
+    workdir = expand_paths(config).workdir  # `~` and `$VAR`, as train() will expand them
+    with workdir_lock.hold(workdir, jax.process_index(), agree=distributed.any_process):
+      train(config)
   except UserError as e:
     fail(f"{type(e).__name__}: {e}")
 

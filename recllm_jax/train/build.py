@@ -249,12 +249,23 @@ def _grow_to_tokenizer(model: Qwen2ForCausalLM, tokenizer: Any, seed: int,
 
 def _checkpoint_step(workdir: str | Path | epath.Path,
                      step: int | None) -> tuple[epath.Path, int]:
-  """(checkpoints directory, step) of a workdir's checkpoint at `step` (None = latest)."""
+  """(checkpoints directory, step) of a workdir's checkpoint at `step` (None = latest).
+
+  Only committed steps count, so a reader (evaluate.py, export_hf.py) never restores a step that
+  a live run is still writing: Orbax writes a local step into `<step>.orbax-checkpoint-tmp-*`
+  and renames it when complete, and a `gs://` step in place, with `commit_success.txt` last;
+  `is_path_finalized` checks whichever protocol the path uses.
+  """
   directory = paths.workdir_path(workdir) / "checkpoints"
-  steps = sorted(int(p.name) for p in directory.iterdir()
-                 if p.name.isdigit()) if directory.is_dir() else []
+  candidates = [p for p in directory.iterdir() if p.name.isdigit()] if directory.is_dir() else []
+  if candidates:
+    import orbax.checkpoint as ocp
+    candidates = [p for p in candidates if ocp.step.is_path_finalized(p)]
+  steps = sorted(int(p.name) for p in candidates)
   if not steps:
-    raise MissingPathError(f"{directory} holds no finished checkpoint")
+    raise MissingPathError(f"{directory} holds no finished checkpoint: the run has not saved one "
+                           "yet (train.checkpoint_every, and its last step), or this is not the "
+                           "workdir of a trained run")
   if step is None:
     step = steps[-1]
   elif step not in steps:

@@ -82,6 +82,20 @@ def test_missing_workdir_is_a_one_line_error(tmp_path, run):
   assert str(tmp_path / "nowhere") in lines[0]
 
 
+def test_workdir_without_a_finished_checkpoint_is_a_one_line_error(tmp_path, run):
+  import shutil
+
+  trained, data = run
+  workdir = tmp_path / "unsaved"  # a run stopped during its first save
+  shutil.copytree(trained, workdir, ignore=shutil.ignore_patterns("checkpoints"))
+  (workdir / "checkpoints" / "3.orbax-checkpoint-tmp-1700000000").mkdir(parents=True)
+  done = evaluate(workdir, data)
+  assert done.returncode == 2
+  lines = done.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: MissingPathError"), done.stderr[-2000:]
+  assert f"{workdir / 'checkpoints'} holds no finished checkpoint" in lines[0]
+
+
 def test_cot_constrained_on_a_direct_config_is_a_one_line_error(run):
   workdir, data = run
   done = evaluate(workdir, data, "--mode=cot_constrained")
