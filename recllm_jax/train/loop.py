@@ -30,7 +30,7 @@ from etils import epath
 
 from recllm_jax import distributed, paths, sharding
 from recllm_jax.errors import ConfigError, UserError
-from recllm_jax.train import build, checkpoint, checks, metrics as metrics_lib, optim
+from recllm_jax.train import build, checkpoint, checks, drift, metrics as metrics_lib, optim
 from recllm_jax.train.grpo import GrpoTask
 from recllm_jax.train.sft import SftTask
 from recllm_jax.train.task import Run, Task, Work
@@ -143,6 +143,12 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
   mesh = checks.check_config(config)
   workdir = paths.workdir_path(config.workdir)  # local, or gs://bucket/run
   workdir.mkdir(parents=True, exist_ok=True)
+  # Drift on resume: a config that changes what the checkpoints mean is a one-line error naming
+  # the keys, checked against the saved config.json before it is replaced (train/drift.py).
+  resuming = bool(checkpoint.finalized_steps(workdir))
+  if resuming:
+    drift.check_resume_config(config, workdir)
+  distributed.barrier("resume_config_checked")  # every process read config.json before it changes
   save_config(config, workdir)
   tc = config.train
   # Measured before any data or checkpoint threads start competing for the CPU.
@@ -151,6 +157,9 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
   # Process 0 first: it writes what the others then reuse (synthetic data, a trained tokenizer).
   with distributed.main_process_first("make_task"):
     task = make_task(config, workdir)
+  dataset = getattr(task, "dataset", None)
+  drift.check_data(None if dataset is None else drift.data_fingerprint(dataset), workdir,
+                   resuming, config.data.dir)
   model = build.build_model(config, mesh, task.tokenizer)
   model_cfg = model.cfg
   num_updates = tc.num_steps * task.updates_per_step
@@ -174,10 +183,14 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
                  state_sharding=sharding.shardings_of(state), mesh=mesh, model_cfg=model_cfg,
                  writer=writer, initial_params=state.params, workdir=workdir,
                  trainable=trainable))
-  if start:
-    state = ckpt.restore(start, state, data)
-    if _extra_state(task) is not None:
-      task.restore_extra_state(ckpt.restore_extra(start, _extra_state(task)))
+  # The newest intact step: a damaged one is skipped with a warning naming what was wrong, and
+  # none intact is an error (NoIntactCheckpointError), never a silent fresh start.
+  latest = start
+  start, state, extra = ckpt.restore_latest(state, data, _extra_state(task))
+  if start != latest:
+    writer.rewind(start)
+  if start and _extra_state(task) is not None:
+    task.restore_extra_state(extra)
   last_saved = start or None
   log.info("task %s; model: %s; %d params; peak %.3g FLOP/s per device (%s)", task.name,
            model_cfg, sum(x.size for x in jax.tree.leaves(state.params)), peak, peak_source)
@@ -217,10 +230,14 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
   finally:
     profiler.stop()
     bar.close()
-    if healthy and consistent and step > (last_saved or 0):
-      ckpt.save(step, state, data, force=True, extra=_extra_state(task))
-    ckpt.close()
-    writer.close()
+    try:
+      if healthy and consistent and step > (last_saved or 0):
+        ckpt.save(step, state, data, force=True, extra=_extra_state(task))
+    finally:
+      try:
+        ckpt.close()  # a failed (async) write is raised here: CheckpointWriteError
+      finally:
+        writer.close()
   return row
 
 

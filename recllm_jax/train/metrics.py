@@ -140,6 +140,11 @@ class MetricsWriter:
     except ImportError:  # TensorBoard is optional.
       pass
 
+  def rewind(self, step: int) -> None:
+    """Drops the rows after `step` (a resume that fell back past a damaged checkpoint)."""
+    if self.active:
+      self._truncate(step)
+
   def _truncate(self, resume_step: int) -> None:
     if not self.path.exists():
       return
