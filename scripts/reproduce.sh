@@ -8,7 +8,8 @@
 # scripts/build_sids.py, unless DATA_DIR has sids.tsv or SIDs of its own: an amazon18 info.txt,
 # a sid field in a JSONL catalog.jsonl) -> SFT of a small random-init Qwen2 that writes items as
 # SIDs (configs/sft.py:office) -> GRPO from that checkpoint with beam rollouts
-# (configs/grpo.py:office) -> evaluate both on test.csv (full catalog, constrained beam search,
+# (configs/grpo.py:minionerec, MiniOneRec's recipe, chosen on valid rows in docs/grpo.md;
+# GRPO_PRESET=office for the plain one) -> evaluate both on test.csv (full catalog, constrained beam search,
 # K=20 beams) -> popularity, item-transition and SASRec baselines on the same split (which also
 # save the fitted CF models) -> CF-guided evaluation of both (the saved Markov + SASRec prior
 # mixed into the beam) -> OUT/results.json, one table with the dataset README's published rows
@@ -35,6 +36,7 @@
 #   FORMAT       data.format (default amazon18; scripts/demo.sh sets synthetic)
 #   SFT_STEPS    SFT train.num_steps (default: the preset's, 600 for sid, 300 for title)
 #   GRPO_STEPS   GRPO train.num_steps (default: the preset's, 40 for sid, 30 for title)
+#   GRPO_PRESET  configs/grpo.py preset of the sid GRPO stage: minionerec (default) | office
 #   CF_MODEL     CF prior of the CF-guided rows: mix (default) | markov | sasrec
 #   CF_WEIGHT    its weight in the beam score (default 256, chosen on Office's valid split)
 #   TITLE        title of the results table; EXAMPLES: print that many example users
@@ -53,7 +55,7 @@ FORMAT="${FORMAT:-amazon18}"
 CF_MODEL="${CF_MODEL:-mix}"
 
 case "$ITEM_FORMAT" in
-  sid) SFT_CONFIG=configs/sft.py:office GRPO_CONFIG=configs/grpo.py:office
+  sid) SFT_CONFIG=configs/sft.py:office GRPO_CONFIG="configs/grpo.py:${GRPO_PRESET:-minionerec}"
        EXTRA=() GRPO_EXTRA=() ;;
   title) SFT_CONFIG=configs/sft.py:tiny GRPO_CONFIG=configs/grpo.py:tiny
          EXTRA=(--config.data.prompt.target_format=direct) GRPO_EXTRA=(--config.grpo.rollout=beam) ;;
