@@ -130,10 +130,12 @@ def _call(cmd: list[str], log: Path, env: dict, deadline: float = math.inf) -> N
 
 def reward_curve(workdir: Path) -> dict:
   """First and last logged mean reward of a GRPO run (metrics.jsonl), for the study table."""
-  path = workdir / "metrics.jsonl"
+  from recllm_jax.plots import METRICS_FILE, read_metrics
+
+  path = workdir / METRICS_FILE
   if not path.exists():
     return {}
-  rewards = [r["reward"] for r in map(json.loads, path.read_text().splitlines()) if "reward" in r]
+  rewards = [r["reward"] for r in read_metrics(path) if "reward" in r]
   return {"reward_first": rewards[0], "reward_last": rewards[-1]} if rewards else {}
 
 
