@@ -22,12 +22,8 @@ from flax import nnx
 from recllm_jax.models.config import Qwen2Config
 from recllm_jax.models.qwen2 import Qwen2ForCausalLM, _Proj, merge_kernel
 
-__all__ = ["add_lora", "base_config", "has_lora", "lora_disabled", "lora_param_count",
+__all__ = ["add_lora", "base_config", "lora_disabled", "lora_param_count",
            "merge_lora", "set_lora_enabled"]
-
-
-def has_lora(model: Qwen2ForCausalLM) -> bool:
-  return bool(model.cfg.lora_rank)
 
 
 def _projections(model: nnx.Module) -> Iterator[tuple[tuple, _Proj]]:

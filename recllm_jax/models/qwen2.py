@@ -281,12 +281,6 @@ class _Proj(nnx.Module):
       self.lora_b = _param(rngs, nnx.initializers.zeros, (rank, *shape[lora_in:]), jnp.float32,
                            (None, *names[lora_in:]), kind=nnx.LoRAParam)
 
-  def merged_kernel(self) -> jax.Array:
-    """kernel + scale * A @ B in the kernel's shape and dtype (the kernel without an adapter)."""
-    if self.lora_scale is None:
-      return self.kernel[...]
-    return merge_kernel(self.kernel[...], self.lora_a[...], self.lora_b[...], self.lora_scale)
-
   def __call__(self, x: jax.Array, spec: str) -> jax.Array:
     """`spec` is an einsum whose input and output both start with the batch dims `bt`.
 

@@ -496,10 +496,18 @@ def rank_aware_reward(sample: Sample, ctx: RewardContext) -> float:
   MiniOneRec's exact-answer hit, is ``ndcg_rule``; the two agree on one-item
   answers (every ``beam`` completion) and differ for multi-item answers.
   """
-  group = sample.group_items or (sample.item_ids,)
   targets = sample.example.targets
-  hit = sample.scorable and hit_at_k(sample.top_k(ctx.k), targets, ctx.k) > 0
-  if hit or not any(hit_at_k(items, targets, ctx.k) for items in group):
+  return _group_rank_penalty(sample, sample.top_k(ctx.k),
+                             lambda items: hit_at_k(items, targets, ctx.k) > 0)
+
+
+def _group_rank_penalty(sample: Sample, answer: Sequence[str | None],
+                        is_hit: Callable[[Sequence[str | None]], bool]) -> float:
+  """The ranking rewards' shared rule: ``rank_penalties(G)[group_rank]`` for a completion that
+  misses (`is_hit(answer)` false, or unscorable) in a group where some completion hits; 0 for a
+  hit and for every completion of a group without one."""
+  group = sample.group_items or (sample.item_ids,)
+  if (sample.scorable and is_hit(answer)) or not any(is_hit(items) for items in group):
     return 0.0
   return float(rank_penalties(len(group))[sample.group_rank])
 
@@ -532,13 +540,8 @@ def ndcg_rule_reward(sample: Sample, ctx: RewardContext) -> float:
   Differs from ``rank_aware`` only in what counts as a hit: the exact answer
   here, Hit@K over a multi-item answer there (see docs/grpo.md).
   """
-  group = sample.group_items or (sample.item_ids,)
   targets = sample.example.targets
-  if sample.scorable and _exact_hit(sample.item_ids, targets):
-    return 0.0
-  if not any(_exact_hit(items, targets) for items in group):
-    return 0.0
-  return float(rank_penalties(len(group))[sample.group_rank])
+  return _group_rank_penalty(sample, sample.item_ids, lambda items: _exact_hit(items, targets))
 
 
 def _jaccard(a: frozenset[Any], b: frozenset[Any]) -> float:

@@ -256,12 +256,10 @@ def _checkpoint_step(workdir: str | Path | epath.Path,
   and renames it when complete, and a `gs://` step in place, with `commit_success.txt` last;
   `is_path_finalized` checks whichever protocol the path uses.
   """
+  from recllm_jax.train.checkpoint import finalized_steps
+
   directory = paths.workdir_path(workdir) / "checkpoints"
-  candidates = [p for p in directory.iterdir() if p.name.isdigit()] if directory.is_dir() else []
-  if candidates:
-    import orbax.checkpoint as ocp
-    candidates = [p for p in candidates if ocp.step.is_path_finalized(p)]
-  steps = sorted(int(p.name) for p in candidates)
+  steps = finalized_steps(workdir)
   if not steps:
     raise MissingPathError(f"{directory} holds no finished checkpoint: the run has not saved one "
                            "yet (train.checkpoint_every, and its last step), or this is not the "
@@ -435,12 +433,12 @@ def build_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   lora = lora_settings(config)
   if lora is None:
     return model
-  from recllm_jax.models.lora import add_lora
+  from recllm_jax.models.lora import add_lora, lora_param_count
   model = add_lora(model, lora["rank"], lora["alpha"], lora["targets"], seed=config.seed,
                    mesh=mesh)
   log.info("LoRA rank %d (alpha %g) on %s: %d trainable adapter params over a frozen base",
            lora["rank"], lora["alpha"], ",".join(lora["targets"]),
-           sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam))))
+           lora_param_count(model))
   return model
 
 

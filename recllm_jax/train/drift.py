@@ -122,16 +122,9 @@ def check_resume_config(config: ml_collections.ConfigDict, workdir: Any) -> None
     log.warning("%s has checkpoints but no %s: the resumed config is not checked for drift",
                 workdir, build.CONFIG_FILE)
     return
-  saved = json.loads(path.read_text())
+  saved = build.read_run_config(workdir).to_dict()
   new = json.loads(config.to_json_best_effort(sort_keys=True))
   check_config(saved, new, str(workdir))
-
-
-def data_fingerprint(dataset: Any) -> dict[str, Any]:
-  """The training data's fingerprint (`rec.cf_prior.data_fingerprint`, the one definition)."""
-  from recllm_jax.rec.cf_prior import data_fingerprint as fingerprint
-
-  return fingerprint(dataset)
 
 
 def check_data(fingerprint: dict[str, Any] | None, workdir: Any, resuming: bool,
@@ -164,5 +157,4 @@ def check_data(fingerprint: dict[str, Any] | None, workdir: Any, resuming: bool,
 
 
 __all__ = ["DATA_FINGERPRINT_FILE", "MEANING_KEYS", "ResumeDriftError", "SAFE_KEYS",
-           "check_config", "check_data", "check_resume_config", "compare_configs",
-           "data_fingerprint"]
+           "check_config", "check_data", "check_resume_config", "compare_configs"]

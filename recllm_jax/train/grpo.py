@@ -447,11 +447,12 @@ class GrpoTask:
 
     examples = [self.dataset.split(split)[i] for i in indices]
     ranks = rollout.ranks
-    if ranks is None:
-      ranks = (ranks_from_scores(rollout.scores, group_size) if rollout.scores is not None
-               else np.tile(np.arange(group_size), len(indices)))
+    if ranks is None and rollout.scores is not None:
+      ranks = ranks_from_scores(rollout.scores, group_size)
+    # Neither: build_samples ranks each group's rows by position.
     samples = build_samples(examples, list(rollout.texts), list(rollout.parsed), self.grounder,
-                            group_size=group_size, group_ranks=[int(r) for r in ranks])
+                            group_size=group_size,
+                            group_ranks=None if ranks is None else [int(r) for r in ranks])
     total, components, reasons = composite_rewards(samples, self.reward_weights,
                                                    self.reward_ctx, self.reward_paths)
     return samples, total, components, reasons

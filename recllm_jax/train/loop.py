@@ -29,6 +29,7 @@ import ml_collections
 from etils import epath
 
 from recllm_jax import distributed, paths, sharding
+from recllm_jax.rec import cf_prior
 from recllm_jax.errors import ConfigError, UserError
 from recllm_jax.train import build, checkpoint, checks, drift, metrics as metrics_lib, optim
 from recllm_jax.train.grpo import GrpoTask
@@ -158,7 +159,7 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
   with distributed.main_process_first("make_task"):
     task = make_task(config, workdir)
   dataset = getattr(task, "dataset", None)
-  drift.check_data(None if dataset is None else drift.data_fingerprint(dataset), workdir,
+  drift.check_data(None if dataset is None else cf_prior.data_fingerprint(dataset), workdir,
                    resuming, config.data.dir)
   model = build.build_model(config, mesh, task.tokenizer)
   model_cfg = model.cfg
@@ -186,10 +187,11 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
   # The newest intact step: a damaged one is skipped with a warning naming what was wrong, and
   # none intact is an error (NoIntactCheckpointError), never a silent fresh start.
   latest = start
-  start, state, extra = ckpt.restore_latest(state, data, _extra_state(task))
+  abstract_extra = _extra_state(task)
+  start, state, extra = ckpt.restore_latest(state, data, abstract_extra)
   if start != latest:
     writer.rewind(start)
-  if start and _extra_state(task) is not None:
+  if start and abstract_extra is not None:
     task.restore_extra_state(extra)
   last_saved = start or None
   log.info("task %s; model: %s; %d params; peak %.3g FLOP/s per device (%s)", task.name,
