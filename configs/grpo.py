@@ -4,13 +4,15 @@ GRPO starts from an SFT result: `init_from` is an SFT workdir (its latest step, 
 or a Hugging Face directory. The model architecture and tokenizer come from there; the SFT
 optimizer and data-iterator state are not restored.
 
-Presets:
-  (none)  the RecLLM-R1 GRPO stage on DeepSeek-R1-Distill-Qwen-1.5B with chain-of-thought:
-          --config.init_from=/path/to/sft_workdir --config.data.dir=/path/to/amazon18/Office_Products
-  tiny    a CPU smoke run from a `configs/sft.py:tiny` workdir on synthetic data (minutes).
-  office  beam-rollout GRPO of a `configs/sft.py:office` semantic-ID model (scripts/reproduce.sh).
-  minionerec  `office` under MiniOneRec's GRPO recipe (rl.sh): rewards rule + ndcg_rule, the
-          reference synced to the policy, cosine LR with warm-up, max_grad_norm 0.3.
+Presets (one line each, as `scripts/train.py --help` lists them):
+  paper       (the default) RecLLM-R1's GRPO with chain-of-thought on DeepSeek-R1-Distill-Qwen-1.5B
+  tiny        a CPU smoke run from a `configs/sft.py:tiny` workdir on synthetic data (minutes)
+  office      beam-rollout GRPO of a `configs/sft.py:office` semantic-ID model
+  minionerec  `office` under MiniOneRec's recipe: rule + ndcg_rule, reference re-sync, cosine LR
+
+`paper` needs --config.init_from=/path/to/sft_workdir --config.data.dir=/path/to/amazon18/Office_Products.
+`minionerec` is scripts/reproduce.sh's GRPO stage (MiniOneRec's rl.sh: rewards rule +
+ndcg_rule, the reference synced to the policy, cosine LR with warm-up, max_grad_norm 0.3).
 
 Contract keys (used by scripts and docs): init_from, train.batch_size (prompts; rows =
 prompts x G), train.num_steps, grpo.num_generations, grpo.beta, grpo.epsilon_low,

@@ -1,14 +1,14 @@
 """SFT configs: `--config configs/sft.py[:preset]`, then `--config.key=value` overrides.
 
-Presets:
-  (none)  the RecLLM-R1 SFT setup: full fine-tuning of DeepSeek-R1-Distill-Qwen-1.5B (fp32
-          master weights, bf16 compute, remat) on Amazon-2018 data. Needs a local download:
-          --config.model.hf_path=/path/to/DeepSeek-R1-Distill-Qwen-1.5B
-          --config.data.dir=/path/to/amazon18/Office_Products
-  tiny    a random-init 4-layer Qwen2 with a BPE tokenizer trained on the catalog, on synthetic
-          data generated into `<workdir>/data`; a few minutes on a 2-core CPU.
-  office  the model alone on Amazon-2018 data (--config.data.dir=...): tiny Qwen2, items as
-          semantic IDs, whole user sequences; what scripts/reproduce.sh trains.
+Presets (one line each, as `scripts/train.py --help` lists them):
+  paper   (the default) RecLLM-R1's SFT: full fine-tuning of DeepSeek-R1-Distill-Qwen-1.5B
+  tiny    a random-init 4-layer Qwen2 on synthetic data in <workdir>/data: minutes on a 2-core CPU
+  office  the model alone on Amazon-2018 data: a tiny Qwen2 writing items as semantic IDs
+
+`paper` needs a local download, fp32 master weights, bf16 compute and remat:
+--config.model.hf_path=/path/to/DeepSeek-R1-Distill-Qwen-1.5B
+--config.data.dir=/path/to/amazon18/Office_Products. `office` (--config.data.dir=...) trains on
+each user's whole sequence; it is what scripts/reproduce.sh trains.
 
 The config is locked: a mistyped key fails instead of being silently ignored. Path keys
 (workdir, data.dir, model.hf_path, model.tokenizer_path) may use `~` and `$VAR`. For every

@@ -8,7 +8,12 @@ its traceback. Each subclass also derives from the built-in type callers already
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "MissingPathError", "UserError"]
+from collections.abc import Callable
+from typing import TypeVar
+
+__all__ = ["ConfigError", "MissingPathError", "UserError", "UserErrors", "raise_error"]
+
+T = TypeVar("T")
 
 
 class UserError(Exception):
@@ -21,3 +26,50 @@ class ConfigError(UserError, ValueError):
 
 class MissingPathError(UserError, FileNotFoundError):
   """A path named by a config key does not exist."""
+
+
+def raise_error(error: Exception) -> None:
+  """`raise error`, as a call: for `UserErrors.attempt(raise_error, SomeError(...))`."""
+  raise error
+
+
+class UserErrors(UserError):
+  """Several independent user errors found in one pass, so that one run shows them all.
+
+  `errors` holds them in the order found; `str()` has one per line. Collect them with
+  `attempt` and end with `raise_found`:
+
+      found = UserErrors()
+      mesh = found.attempt(make_mesh, config)   # None when it failed
+      found.attempt(check_paths, config)
+      found.raise_found()                       # nothing found: returns
+  """
+
+  def __init__(self, errors: list[UserError] | None = None):
+    self.errors: list[UserError] = list(errors or [])
+    super().__init__()
+
+  def __str__(self) -> str:
+    return "\n".join(str(e) for e in self.errors)
+
+  def attempt(self, check: Callable[..., T], *args, **kwargs) -> T | None:
+    """`check(*args, **kwargs)`; a UserError it raises is kept (once) and None returned."""
+    try:
+      return check(*args, **kwargs)
+    except UserErrors as e:
+      for error in e.errors:
+        self._add(error)
+    except UserError as e:
+      self._add(e)
+    return None
+
+  def _add(self, error: UserError) -> None:
+    if str(error) not in {str(e) for e in self.errors}:  # two checks may share a sub-check
+      self.errors.append(error)
+
+  def raise_found(self) -> None:
+    """Raises the one error found as itself, several as this `UserErrors`; else returns."""
+    if len(self.errors) == 1:
+      raise self.errors[0]
+    if self.errors:
+      raise self

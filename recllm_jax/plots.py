@@ -8,6 +8,12 @@ switch and no display needed, and importing this module from a notebook leaves i
 Which curves exist depends on the task: SFT logs `loss` (and `val_loss` at evaluations), GRPO
 logs `reward`, `reward/<name>` per reward function, `kl`, `completion_len` (and `val_reward`,
 `val_reward/<name>`). A plot is drawn only when the run logged one of its keys.
+
+GRPO's `loss` is the policy-gradient term `pg_loss` plus the penalties (`grpo.beta` x KL to the
+reference, minus any entropy bonus; `train/policy_loss.py`). When both are logged the loss plot
+draws the two terms beside the total (the penalty as `loss - pg_loss`) and its title says which
+term dominates: with one update per rollout `pg_loss` is ~0 by construction (group-centred
+advantages; its gradient is not 0), so a rising GRPO loss is the KL penalty growing.
 """
 
 from __future__ import annotations
@@ -49,7 +55,8 @@ class Curve:
 
 
 CURVES = (
-    Curve("loss", "Loss", "loss", ("loss", "val_loss")),
+    # "loss" is retitled per task by loss_title (SFT's cross-entropy, GRPO's two terms).
+    Curve("loss", "Loss", "loss", ("loss", "val_loss", "pg_loss")),
     Curve("reward", "Reward", "reward", ("reward", "val_reward"),
           prefixes=("reward/", "val_reward/")),
     Curve("kl", "KL to the reference policy", "KL", ("kl",)),
@@ -89,16 +96,57 @@ def series(rows: Sequence[Mapping[str, Any]], key: str) -> Series:
   return [s for s, _ in points], [v for _, v in points]
 
 
+PG_KEY = "pg_loss"  # GRPO's policy-gradient term (train/policy_loss.py)
+PENALTY_KEY = "loss - pg_loss"  # derived: beta * KL minus any entropy bonus
+LABELS = {"loss": "loss (total)", PG_KEY: "pg_loss: policy-gradient term",
+          PENALTY_KEY: "loss - pg_loss: beta x KL penalty"}
+# The total under its terms: wide and pale, so a term that equals it does not hide it.
+TOTAL_STYLE = {"linewidth": 5.0, "alpha": 0.35}
+
+
+def penalty_series(rows: Sequence[Mapping[str, Any]]) -> Series:
+  """(steps, loss - pg_loss) of the rows that logged both: GRPO's penalty terms."""
+  pg = dict(zip(*series(rows, PG_KEY)))
+  steps, losses = series(rows, "loss")
+  points = [(s, v - pg[s]) for s, v in zip(steps, losses) if s in pg]
+  return [s for s, _ in points], [v for _, v in points]
+
+
 def curves(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Series]]:
-  """{curve name: {key: series}} for every curve of CURVES that has at least one logged key."""
+  """{curve name: {key: series}} for every curve of CURVES that has at least one logged key
+  (the loss curve also gets PENALTY_KEY when the run logged `loss` and `pg_loss`)."""
   keys = list(dict.fromkeys(k for row in rows for k in row))  # first-seen order, no duplicates
   out = {}
   for curve in CURVES:
     drawn = {k: series(rows, k) for k in curve.select(keys)}
     drawn = {k: s for k, s in drawn.items() if s[0]}
+    if curve.name == "loss" and PG_KEY in drawn and "loss" in drawn:
+      drawn[PENALTY_KEY] = penalty_series(rows)
     if drawn:
       out[curve.name] = drawn
   return out
+
+
+def _mean_abs(values: Sequence[float]) -> float:
+  return sum(abs(v) for v in values) / max(len(values), 1)
+
+
+def loss_title(drawn: Mapping[str, Series], grpo: bool) -> str:
+  """The loss plot's title: what the curve is and, for GRPO with both terms, which dominates
+  (by mean absolute value over the logged steps; within 2x of each other neither does)."""
+  if not grpo:
+    return "SFT loss: mean cross-entropy per target token"
+  if PENALTY_KEY not in drawn:
+    return "GRPO loss (policy-gradient term + KL penalty; pg_loss not logged)"
+  pg, penalty = _mean_abs(drawn[PG_KEY][1]), _mean_abs(drawn[PENALTY_KEY][1])
+  if penalty > 2 * pg:
+    verdict = "the KL penalty dominates"
+  elif pg > 2 * penalty:
+    verdict = "the policy-gradient term dominates"
+  else:
+    verdict = "neither term dominates"
+  return (f"GRPO loss = policy-gradient term + KL penalty\n{verdict} "
+          f"(mean size: KL {penalty:.2g}, pg {pg:.2g})")
 
 
 def _figure(width: float = 7.0, height: float = 4.0) -> Figure:
@@ -107,7 +155,8 @@ def _figure(width: float = 7.0, height: float = 4.0) -> Figure:
   return fig
 
 
-def _draw_lines(ax: Any, drawn: Mapping[str, Series], title: str) -> None:
+def _draw_lines(ax: Any, drawn: Mapping[str, Series], title: str,
+                labels: Mapping[str, str] | None = None) -> None:
   """One line per key; a key and its `val_` twin share a color, the held-out one dashed with dots
   (evaluations are sparse). With many lines the twins leave the legend and the title says so."""
   bases = list(dict.fromkeys(k.removeprefix("val_") for k in drawn))
@@ -116,10 +165,12 @@ def _draw_lines(ax: Any, drawn: Mapping[str, Series], title: str) -> None:
   for key, (steps, values) in drawn.items():
     base = key.removeprefix("val_")
     held_out = key != base
-    label = key if twins_in_legend or not held_out or base not in drawn else "_nolegend_"
+    label = ((labels or {}).get(key, key) if twins_in_legend or not held_out or base not in drawn
+             else "_nolegend_")
+    style = TOTAL_STYLE if labels and key == "loss" else {}
     ax.plot(steps, values, label=label, color=palette[bases.index(base) % len(palette)],
             linestyle="--" if held_out else "-",
-            marker="o" if held_out or len(steps) == 1 else None, markersize=3)
+            marker="o" if held_out or len(steps) == 1 else None, markersize=3, **style)
   if not twins_in_legend and any(k.startswith("val_") for k in drawn):
     title += " (dashed: held-out)"
   ax.set(xlabel="step", title=title)
@@ -131,16 +182,18 @@ def _draw_lines(ax: Any, drawn: Mapping[str, Series], title: str) -> None:
     ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
-def _draw_curve(curve: Curve, drawn: Mapping[str, Series], path: Path, suptitle: str) -> Path:
+def _draw_curve(curve: Curve, drawn: Mapping[str, Series], path: Path, suptitle: str,
+                title: str | None = None) -> Path:
   """`drawn` on one panel, or with the prefixed keys (reward components) on a second."""
-  main = {k: s for k, s in drawn.items() if k in curve.keys}
-  parts = {k: s for k, s in drawn.items() if k not in curve.keys}
-  panels = [(title, group) for title, group in ((curve.title, main),
-                                                 (f"{curve.title} components", parts)) if group]
+  title = title or curve.title
+  main = {k: s for k, s in drawn.items() if k in curve.keys or k == PENALTY_KEY}
+  parts = {k: s for k, s in drawn.items() if k not in main}
+  panels = [(t, group) for t, group in ((title, main), (f"{curve.title} components", parts))
+            if group]
   fig = _figure(width=7.0 * len(panels) + (2.0 if len(parts) > 4 else 0.0))
-  for i, (title, group) in enumerate(panels):
+  for i, (panel_title, group) in enumerate(panels):
     ax = fig.add_subplot(1, len(panels), i + 1)
-    _draw_lines(ax, group, title)
+    _draw_lines(ax, group, panel_title, labels=LABELS if PENALTY_KEY in group else None)
     ax.set_ylabel(curve.ylabel)
   fig.suptitle(suptitle, fontsize="small")
   fig.savefig(path, format="png", dpi=100)
@@ -165,17 +218,22 @@ def plot_metrics(workdir: str | Path, out_dir: str | Path | None = None) -> list
   out = Path(out_dir) if out_dir is not None else workdir
   out.mkdir(parents=True, exist_ok=True)
   by_name = {c.name: c for c in CURVES}
-  return [_draw_curve(by_name[name], series_, out / f"{name}.png", str(workdir))
+  grpo = "reward" in drawn  # GRPO logs rewards; SFT never does
+  return [_draw_curve(by_name[name], series_, out / f"{name}.png", str(workdir),
+                      title=loss_title(series_, grpo) if name == "loss" else None)
           for name, series_ in drawn.items()]
 
 
-def bar_chart(results: Mapping[str, Mapping[str, float]], path: str | Path, *,
-              metrics: Sequence[str] | None = None, title: str = "") -> Path:
-  """Grouped bars of models vs baselines: one group per metric, one bar per entry of `results`.
+def bar_chart_figure(results: Mapping[str, Mapping[str, float]], *,
+                     metrics: Sequence[str] | None = None, title: str = "",
+                     columns: int = 3) -> Figure:
+  """Models vs baselines, one panel per metric in a grid of `columns` columns.
 
   `results` is {name: {metric: value}} (e.g. {"GRPO": {"hr@10": 0.12}, "SASRec": {...}});
-  `metrics` defaults to every metric in first-seen order. A name without a metric gets no bar
-  (baselines may not report every metric); a metric that no name reports is an error.
+  `metrics` defaults to every metric in first-seen order. Each panel has one horizontal bar per
+  entry, in `results` order and color (the same in every panel), its value at the end, the
+  panel's best in bold. A name without a metric gets no bar (baselines may not report every
+  metric); a metric that no name reports is an error.
   """
   if not results:
     raise ValueError("bar_chart needs at least one entry in results")
@@ -186,26 +244,45 @@ def bar_chart(results: Mapping[str, Mapping[str, float]], path: str | Path, *,
     raise ValueError(f"metrics {missing or list(metrics)} are not reported by any of "
                      f"{list(results)}")
   names = list(results)
-  width = 0.8 / len(names)
-  fig = _figure(width=max(5.0, 1.2 + 0.5 * len(names) * len(metrics)))
-  ax = fig.add_subplot()
-  for i, name in enumerate(names):
-    xs = [j + (i - (len(names) - 1) / 2) * width for j, m in enumerate(metrics)
-          if m in results[name]]
-    values = [float(results[name][m]) for m in metrics if m in results[name]]
-    bars = ax.bar(xs, values, width, label=name, color=f"C{i % 10}")
-    ax.bar_label(bars, labels=[f"{v:.3f}" if math.isfinite(v) else "nan" for v in values],
-                 fontsize="x-small", rotation=90 if len(names) > 4 else 0, padding=2)
-  ax.set_xticks(range(len(metrics)), list(metrics))
-  ax.set(ylabel="value", title=title)
-  ax.margins(y=0.15)  # room for the value labels above the tallest bar
-  ax.grid(axis="y", alpha=0.3)
-  ax.legend(fontsize="small")
+  cols = max(1, min(columns, len(metrics)))
+  rows = math.ceil(len(metrics) / cols)
+  panel_height = 1.0 + 0.3 * len(names)
+  fig = _figure(width=1.5 + 4.0 * cols, height=0.4 + panel_height * rows)
+  axes = fig.subplots(rows, cols, squeeze=False, sharey=True).ravel()
+  ys = range(len(names))
+  for ax, metric in zip(axes, metrics):
+    shown = [(y, float(results[n][metric])) for y, n in zip(ys, names) if metric in results[n]]
+    finite = [v for _, v in shown if math.isfinite(v)]
+    best = max(finite) if finite else None
+    bars = ax.barh([y for y, _ in shown], [v for _, v in shown], 0.7,
+                   color=[f"C{y % 10}" for y, _ in shown])
+    labels = ax.bar_label(bars, labels=[f"{v:.3f}" if math.isfinite(v) else "nan"
+                                        for _, v in shown], fontsize="small", padding=2)
+    for label, (_, v) in zip(labels, shown):
+      if v == best:
+        label.set_fontweight("bold")
+    ax.set_title(metric)
+    ax.margins(x=0.25)  # room for the value labels right of the longest bar
+    ax.grid(axis="x", alpha=0.3)
+  axes[0].set_yticks(list(ys), names)
+  axes[0].invert_yaxis()  # first entry on top, as in the printed table
+  for ax in axes[len(metrics):]:
+    ax.set_visible(False)
+  if title:
+    fig.suptitle(title)
+  return fig
+
+
+def bar_chart(results: Mapping[str, Mapping[str, float]], path: str | Path, *,
+              metrics: Sequence[str] | None = None, title: str = "", columns: int = 3) -> Path:
+  """`bar_chart_figure(results, ...)` written to `path` as a PNG (100 dpi); returns `path`."""
+  fig = bar_chart_figure(results, metrics=metrics, title=title, columns=columns)
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path, format="png", dpi=100)
   return path
 
 
-__all__ = ["CURVES", "Curve", "METRICS_FILE", "bar_chart", "curves", "plot_metrics",
+__all__ = ["CURVES", "Curve", "LABELS", "METRICS_FILE", "PENALTY_KEY", "PG_KEY", "bar_chart",
+           "bar_chart_figure", "curves", "loss_title", "penalty_series", "plot_metrics",
            "read_metrics", "series"]

@@ -4,7 +4,7 @@ GRPO (`recllm_jax.train.grpo.GrpoTask`) and inference (`recllm_jax.inference.rec
 turn examples into decoded items the same way, so both call :class:`ItemRollout`:
 
     rollout = ItemRollout(codec, tokenizer, prompt_cfg, mode, vocab_size=model.cfg.vocab_size)
-    text, ids = rollout.prompt(example)                    # the mode's prompt, encoded
+    text, ids, kept = rollout.prompt(example)              # the mode's prompt, encoded
     batch = rollout.run(model, input_ids, attention_mask, num_samples=G, rng=key)
     batch.items[row]                                       # item ids of row b * G + g
 
@@ -36,8 +36,8 @@ from recllm_jax import constraints as cons
 from recllm_jax import decoding
 from recllm_jax.data.items import ItemCodec, as_codec
 from recllm_jax.data.prompts import (ANSWER_CLOSE, ANSWER_OPEN, ParsedCompletion, PromptConfig,
-                                     build_prompt, direct_answer_prefix, parse_completion,
-                                     prompt_opens_think)
+                                     build_prompt_kept, direct_answer_prefix,
+                                     parse_completion, prompt_opens_think)
 from recllm_jax.data.tokenizer import encode_prompt
 from recllm_jax.sharding import host_array
 
@@ -68,14 +68,20 @@ def mode_prompt_config(prompt_cfg: PromptConfig, mode: str) -> PromptConfig:
   return prompt_cfg
 
 
+def _render(example: Any, codec: ItemCodec | Any, tokenizer: Any, prompt_cfg: PromptConfig,
+            mode: str) -> tuple[str, list[int], int]:
+  """`render_prompt`, plus the history items the prompt shows (`build_prompt_kept`)."""
+  text, kept = build_prompt_kept(example, codec, tokenizer, mode_prompt_config(prompt_cfg, mode))
+  if normalize_mode(mode) == "beam":
+    text += direct_answer_prefix(prompt_opens_think(text))
+  return text, encode_prompt(tokenizer, text), kept
+
+
 def render_prompt(example: Any, codec: ItemCodec | Any, tokenizer: Any, prompt_cfg: PromptConfig,
                   mode: str) -> tuple[str, list[int]]:
   """(text, token ids) of one example's prompt in `mode`; ``beam`` prompts end with the direct
   answer prefix so that the first generated token starts an item."""
-  text = build_prompt(example, codec, tokenizer, mode_prompt_config(prompt_cfg, mode))
-  if normalize_mode(mode) == "beam":
-    text += direct_answer_prefix(prompt_opens_think(text))
-  return text, encode_prompt(tokenizer, text)
+  return _render(example, codec, tokenizer, prompt_cfg, mode)[:2]
 
 
 def collate_prompts(rows: Sequence[tuple[int, Sequence[int]]], pad_id: int) -> dict[str, np.ndarray]:
@@ -157,9 +163,10 @@ class ItemRollout:
 
   # -- prompts ------------------------------------------------------------------------------
 
-  def prompt(self, example: Any) -> tuple[str, list[int]]:
-    """`render_prompt` of one example in this rollout's mode."""
-    return render_prompt(example, self.codec, self.tokenizer, self.base_prompt_cfg, self.mode)
+  def prompt(self, example: Any) -> tuple[str, list[int], int]:
+    """`render_prompt` of one example in this rollout's mode, plus how many history items the
+    prompt shows (the newest; fewer than the history when `max_history_tokens` cut it)."""
+    return _render(example, self.codec, self.tokenizer, self.base_prompt_cfg, self.mode)
 
   def default_max_new_tokens(self, sample_tokens: int) -> int:
     """The longest item + EOS for ``beam``, else `sample_tokens`."""

@@ -69,7 +69,7 @@ def main(argv: list[str]) -> None:
                             exclude_history=config.popularity.exclude_history, progress=True,
                             fitted=fitted)
   except UserError as e:
-    fail(f"{type(e).__name__}: {e}")
+    fail(e)
   workdir.mkdir(parents=True, exist_ok=True)
   out = workdir / f"baselines_{split}.json"
   out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n", encoding="utf-8")

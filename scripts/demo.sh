@@ -7,8 +7,9 @@
 # configs/sft.py:office, GRPO with configs/grpo.py:minionerec, direct targets, beam rollouts) ->
 # evaluation on the test split, plain and CF-guided, against the popularity, item-transition and
 # SASRec baselines -> the results table, training curves (OUT/sft/*.png, OUT/grpo/*.png),
-# OUT/results.png, OUT/stage_times.json and three example users (recent history, our top-5, the
-# true next item). The synthetic data is generated once into OUT/sft/data and shared by every step.
+# OUT/results.png, OUT/stage_times.json, what the table shows, three example users of the best
+# of our rows (two hits, one miss: recent history, our top-5, the true next item) and the next
+# steps. The synthetic data is generated once into OUT/sft/data and shared by every step.
 #
 # Environment (each passed on to scripts/reproduce.sh; see its header for the rest):
 #   ITEM_FORMAT  sid (default) | title (the title pipeline, configs :tiny)
@@ -25,4 +26,4 @@ if [[ "${ITEM_FORMAT:-sid}" == sid ]]; then
   export SFT_STEPS="${SFT_STEPS:-300}" GRPO_STEPS="${GRPO_STEPS:-20}"
 fi
 FORMAT=synthetic TITLE="synthetic demo, test" EXAMPLES=3 CF_MODEL="${CF_MODEL:-markov}" \
-  exec bash scripts/reproduce.sh "$OUT/sft/data" "$OUT"
+  RUN_COMMAND="bash scripts/demo.sh${1:+ $1}" exec bash scripts/reproduce.sh "$OUT/sft/data" "$OUT"

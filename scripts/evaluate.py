@@ -18,15 +18,19 @@ and exit status 2, models fitted on other data (catalog, train or valid examples
 another SASRec config than the one fitted in place (configs/baselines.py defaults, this seed).
 
 Writes into W:
-  eval_<split>.json         flat metric keys (hr@10, ndcg@10, ...), plus examples_per_s and, with
-                            a CF model, cf_model / cf_weight / cf_smoothing / cf_from (the
-                            --cf_from folder, "" when fitted in place)
+  eval_<split>.json         flat metric keys (hr@10, ndcg@10, ...), plus examples_per_s,
+                            histories_cut (examples whose history was longer than
+                            data.prompt.max_history_tokens: their prompts show the newest
+                            items) and, with a CF model, cf_model / cf_weight /
+                            cf_smoothing / cf_from (the --cf_from folder, "" when fitted in
+                            place)
   predictions_<split>.jsonl one line per example: user_id, history, targets, ranked ids, titles
   (with `--tag T`: eval_<split>_T.json and predictions_<split>_T.jsonl instead)
   eval_<split>_cf_<model>.json  with --cf_model: the CF prior's own ranking (no LLM), same keys
 
-A user error (a bad flag or config value, a missing workdir or checkpoint, bad data) ends with
-one line `error: ...` on stderr and exit status 2, like scripts/train.py.
+A user error (a bad flag or config value, a missing workdir or checkpoint, bad data, a data.dir
+whose catalog is not the one the checkpoint was trained on) ends with one line `error: ...` on
+stderr and exit status 2, like scripts/train.py.
 """
 
 from __future__ import annotations
@@ -88,11 +92,17 @@ def load_model(config, workdir: Path, mesh):
                           attention=config.model.get("attention", "auto"))
     return model, transformers.AutoTokenizer.from_pretrained(path)
   import recllm_jax
+  model, tokenizer, _ = recllm_jax.load_checkpoint(workdir, _STEP.value, mesh=mesh)
+  return model, tokenizer
+
+
+def require_run(workdir: Path) -> None:
+  """`workdir` holds a trained run (checked before the data is read)."""
+  from recllm_jax.errors import MissingPathError
+
   if not (workdir / "config.json").is_file():
     raise MissingPathError(f"--config.workdir={workdir} holds no trained run (no config.json); "
                            "train first (scripts/train.py) or pass --hf_dir")
-  model, tokenizer, _ = recllm_jax.load_checkpoint(workdir, _STEP.value, mesh=mesh)
-  return model, tokenizer
 
 
 def prediction_rows(examples, rankings, catalog):
@@ -120,11 +130,11 @@ def main(argv: list[str]) -> None:
   # Imported after flag parsing so that --help stays fast.
   from recllm_jax import sharding
   from recllm_jax.data import popularity
-  from recllm_jax.data.loading import load_run_data
+  from recllm_jax.data.loading import data_dir, load_run_data
   from recllm_jax.data.errors import DataError
   from recllm_jax.data.prompts import PromptConfig
   from recllm_jax.errors import ConfigError, UserError
-  from recllm_jax.inference import mode_prompt_config, recommend
+  from recllm_jax.inference import check_trained_catalog, mode_prompt_config, recommend
   from recllm_jax.rec import Grounder
   from recllm_jax.rec.metrics import evaluate_rankings, format_table
   from recllm_jax.train.checks import expand_paths
@@ -147,15 +157,17 @@ def main(argv: list[str]) -> None:
       from recllm_jax.rec.cf_prior import fit_prior, load_cf_models, prior_from_models
       # configs/baselines.py's SASRec defaults and this config's seed (0: the baseline's).
       sasrec = SASRecConfig(seed=config.seed)
+    # The workdir, the data's catalog and a saved CF fit are checked against each other before
+    # the checkpoint is restored, so that a mismatch ends the run at once, with one line.
+    if not _HF_DIR.value:
+      require_run(workdir)
+    dataset, codec = load_run_data(config, workdir)
+    if not _HF_DIR.value:
+      check_trained_catalog(dataset, workdir, data_dir(config, workdir))
     if _CF_FROM.value:
-      # A saved fit is checked against the data before the checkpoint is restored, so that a
-      # mismatch ends the run at once, with one line.
-      dataset, codec = load_run_data(config, workdir)
       cf_models = load_cf_models(Path(_CF_FROM.value).expanduser(), dataset,
                                  sasrec=sasrec if cf_model in ("sasrec", "mix") else None)
     model, tokenizer = load_model(config, workdir, mesh)
-    if cf_models is None:
-      dataset, codec = load_run_data(config, workdir)
     examples = dataset.split(split)
     if _MAX_EXAMPLES.value:
       examples = examples[:_MAX_EXAMPLES.value]
@@ -184,7 +196,8 @@ def main(argv: list[str]) -> None:
     fail(f"{type(e).__name__}: {e}")
   ks = [c for c in KS if c <= k] or [k]
   metrics = evaluate_rankings(rankings, examples, dataset.catalog, train_popularity, ks)
-  metrics.update(examples_per_s=len(examples) / seconds, seconds=seconds)
+  metrics.update(examples_per_s=len(examples) / seconds, seconds=seconds,
+                 histories_cut=rankings.histories_cut)
   workdir.mkdir(parents=True, exist_ok=True)
   table = {f"llm ({mode})": metrics}
   written = []
@@ -208,7 +221,9 @@ def main(argv: list[str]) -> None:
       f.write(json.dumps(row, ensure_ascii=False) + "\n")
   source = _HF_DIR.value or str(workdir)
   print(f"\n{split}: {len(examples)} examples, {len(dataset.catalog)} catalog items, mode={mode}, "
-        f"k={k}, {len(examples) / seconds:.1f} examples/s ({seconds:.1f}s)")
+        f"k={k}, {len(examples) / seconds:.1f} examples/s ({seconds:.1f}s); "
+        f"{rankings.histories_cut} histories cut to the prompt budget (their newest items kept, "
+        f"data.prompt.max_history_tokens={prompt_cfg.max_history_tokens})")
   print(format_table(table))
   print(f"model {source}\nwrote {', '.join(map(str, [out, predictions, *written]))}")
 

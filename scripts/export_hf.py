@@ -121,7 +121,7 @@ def main(argv: list[str]) -> None:
     out = export_hf(model, args.out, tokenizer, dtype=args.dtype,
                     max_shard_size=args.max_shard_size)
   except UserError as e:
-    fail(f"{type(e).__name__}: {e}")
+    fail(e)
   problem = tokenizer_mismatch(out, tokenizer)
   if problem:
     print(f"warning: transformers.AutoTokenizer.from_pretrained({str(out)!r}) is not the run's "

@@ -58,7 +58,7 @@ def main(argv: list[str]) -> None:
     smallest = plan.suggest(config, device, margin=margin, new_tokens=new_tokens)
     print(plan.format_suggestion(smallest, device, "smallest FSDP mesh"))
   except UserError as e:
-    fail(f"{type(e).__name__}: {e}")
+    fail(e)
 
 
 if __name__ == "__main__":

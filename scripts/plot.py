@@ -35,7 +35,7 @@ def main(argv: list[str]) -> None:
   try:
     paths = plot_metrics(args.workdir, args.out)
   except UserError as e:
-    fail(f"{type(e).__name__}: {e}")
+    fail(e)
   for path in paths:
     print(path)
 

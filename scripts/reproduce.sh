@@ -40,12 +40,17 @@
 #   CF_MODEL     CF prior of the CF-guided rows: mix (default) | markov | sasrec
 #   CF_WEIGHT    its weight in the beam score (default 256, chosen on Office's valid split)
 #   TITLE        title of the results table; EXAMPLES: print that many example users
-# At the end the wall time of every stage is printed as a table and written to
-# OUT/stage_times.json ({"stage": seconds, ..., "total": seconds}).
+#   RUN_COMMAND  the command named in the last line (scripts/demo.sh sets its own)
+# The results stage (scripts/results_table.py) prints the table, what it shows (the winners of
+# HR@10 and NDCG@10, the model alone against them, GRPO vs its SFT, the CF-guided rows vs the
+# prior alone), EXAMPLES users of the best of our rows and the next steps (your own users, your
+# own data, the Amazon data). Then one line of stage wall times (also OUT/stage_times.json,
+# {"stage": seconds, ..., "total": seconds}) and a last line naming the command and the outputs.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+RUN_COMMAND="${RUN_COMMAND:-bash scripts/reproduce.sh${*:+ $*}}"
 DATA_DIR="${1:-../shared/data/amazon18/Office_Products}"
 OUT="${2:-workdirs/reproduce}"
 PYTHON="${PYTHON:-python}"
@@ -63,15 +68,29 @@ case "$ITEM_FORMAT" in
 esac
 
 if [[ "$FORMAT" == amazon18 ]]; then
+  missing=()
   for f in items.json valid.csv test.csv; do
-    if [[ ! -f "$DATA_DIR/$f" ]]; then
-      echo "error: $DATA_DIR/$f not found; DATA_DIR must be an Amazon-2018-format folder holding" \
-        "items.json, valid.csv and test.csv (info.txt optional: the items' semantic IDs), e.g. a" \
-        "category of the MiniOneRec repository's data/Amazon/; for other data use the JSONL" \
-        "format (docs/data.md) with FORMAT=jsonl" >&2
-      exit 2
-    fi
+    [[ -f "$DATA_DIR/$f" ]] || missing+=("$f")
   done
+  if (( ${#missing[@]} )); then
+    printf -v problem '%s, ' "${missing[@]}"
+    if [[ -d "$DATA_DIR" ]]; then problem="$DATA_DIR has no ${problem%, }"
+    else problem="$DATA_DIR does not exist"; fi
+    cat >&2 <<EOF
+error: $problem. DATA_DIR must be an Amazon-2018-format folder (docs/data.md, Amazon Reviews 2018):
+  items.json  the catalog: {"<item_id>": {"title", "description", "brand", "categories"}}
+  valid.csv   rows user_id, history_item_id, item_id, ... (training is rebuilt from it)
+  test.csv    the same columns, later in time: the test split
+  info.txt    optional: the items' semantic IDs (<sid> TAB <title> TAB <item_id>)
+These are the published valid/test splits of the MiniOneRec repository, data/Amazon/<category>/
+(e.g. Office_Products: Amazon Reviews 2018 preprocessed as in D3/MiniOneRec). Put one category's
+files in a folder and pass it: bash scripts/reproduce.sh DATA_DIR [OUT_DIR]
+Your own data: catalog.jsonl + interactions.jsonl, or .parquet (docs/data.md, JSONL format):
+  FORMAT=jsonl bash scripts/reproduce.sh YOUR_DIR [OUT_DIR]
+No data at hand: bash scripts/demo.sh runs the same pipeline on built-in synthetic data.
+EOF
+    exit 2
+  fi
 fi
 mkdir -p "$OUT"
 start=$SECONDS
@@ -151,20 +170,19 @@ stage results "results"
 "$PYTHON" scripts/results_table.py --out "$OUT" --data_dir "$DATA_DIR" --data_format "$FORMAT" \
   --model "sft=$OUT/sft/eval_test.json" --model "grpo=$OUT/grpo/eval_test.json" \
   --model "sft+cf=$OUT/sft/eval_test_cf.json" --model "grpo+cf=$OUT/grpo/eval_test_cf.json" \
-  --model "cf prior alone=$OUT/grpo/eval_test_cf_$CF_MODEL.json" \
+  --cf_prior "cf prior alone=$OUT/grpo/eval_test_cf_$CF_MODEL.json" \
   --baselines "$OUT/baselines/baselines_test.json" --title "${TITLE:-$(basename "$DATA_DIR"), test}" \
-  ${EXAMPLES:+--examples "$EXAMPLES" --predictions "$OUT/grpo/predictions_test.jsonl"}
+  ${EXAMPLES:+--examples "$EXAMPLES"} --next_steps
 end_stage
 
 total=$(( SECONDS - start ))
-echo
-printf '%-14s %8s\n' stage seconds
-json="{"
+json="{" times=""
 for i in "${!STAGE_NAMES[@]}"; do
-  printf '%-14s %8d\n' "${STAGE_NAMES[$i]}" "${STAGE_SECONDS[$i]}"
   json+="\"${STAGE_NAMES[$i]}\": ${STAGE_SECONDS[$i]}, "
+  times+="${times:+, }${STAGE_NAMES[$i]} ${STAGE_SECONDS[$i]}s"
 done
-printf '%-14s %8d\n' total "$total"
 echo "$json\"total\": $total}" > "$OUT/stage_times.json"
-echo "reproduce.sh: done in ${total}s ($DATA_DIR -> $OUT, items as $ITEM_FORMAT; stage times in" \
-  "$OUT/stage_times.json)"
+echo
+echo "stage times: $times ($OUT/stage_times.json)"
+echo "$RUN_COMMAND: done in $(( total / 60 )) min $(( total % 60 )) s; outputs in $OUT/" \
+  "(results.json, results.png; sft/, grpo/, baselines/: checkpoints, curves, predictions)"

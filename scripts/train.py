@@ -18,8 +18,10 @@ never a traceback; a traceback means a bug.
 
 from __future__ import annotations
 
+import ast
 import logging
 import re
+import shlex
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -31,18 +33,79 @@ from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file, optionally with a preset: configs/sft.py:tiny",
+    "config", None, "Config file, optionally with a preset: configs/sft.py:tiny (presets below)",
     lock_config=True)
 flags.mark_flags_as_required(["config"])
+_PRINT_CONFIG = flags.DEFINE_bool(
+    "print_config", False, "Print the resolved config (the preset with every --config.<key> "
+    "override applied: all keys and values) and exit.")
 
 USER_ERROR_STATUS = 2  # like argparse: the command line or its inputs are wrong
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+HELP_ARGS = ("-h", "-?", "--help", "-help", "--helpshort", "--helpfull")
 
 
-def fail(message: str) -> NoReturn:
-  """Prints `error: <message>` as one line on stderr and exits with USER_ERROR_STATUS."""
-  one_line = " ".join(line.strip() for line in message.splitlines() if line.strip())
-  print(f"error: {one_line}", file=sys.stderr)
+def _one_line(text: str) -> str:
+  return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def fail(problem: str | BaseException) -> NoReturn:
+  """Prints `error: <problem>` on stderr and exits with USER_ERROR_STATUS.
+
+  A message is one line. An exception prints as `error: <Type>: <message>`, one line for each
+  of the errors a `recllm_jax.errors.UserErrors` holds.
+  """
+  if isinstance(problem, BaseException):
+    lines = [f"{type(e).__name__}: {_one_line(str(e))}" for e in getattr(problem, "errors", None)
+             or [problem]]
+  else:
+    lines = [_one_line(problem)]
+  for line in lines:
+    print(f"error: {line}", file=sys.stderr)
   sys.exit(USER_ERROR_STATUS)
+
+
+def config_presets(path: Path) -> list[tuple[str, str]]:
+  """(name, one-line summary) of each preset of a config file, read without importing it.
+
+  The names are the keys of its `PRESETS` dict; the summaries come from the `Presets` section
+  of its docstring (`  name  summary` lines); a preset without one says so.
+  """
+  tree = ast.parse(path.read_text(), str(path))
+  names: list[str] = []
+  for node in tree.body:
+    if (isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "PRESETS" for t in node.targets)
+        and isinstance(node.value, ast.Dict)):
+      names = [k.value for k in node.value.keys if isinstance(k, ast.Constant) and k.value]
+  doc = ast.get_docstring(tree) or ""
+  section = doc.partition("Presets")[2].partition("\n\n")[0]
+  summaries = {}
+  for line in section.splitlines()[1:]:
+    name, _, summary = line.strip().partition(" ")
+    summaries[name] = summary.strip()
+  return [(name, summaries.get(name, "(not described in the file's docstring)")) for name in names]
+
+
+def help_text(flag_values: flags.FlagValues = flags.FLAGS) -> str:
+  """The running script's docstring, its flags (with --config and --print_config), the presets of
+  every config file, and how to see all config keys."""
+  script = Path(sys.argv[0]).stem
+  lines = [(sys.modules["__main__"].__doc__ or "").strip(), "", "Flags:"]
+  for module, module_flags in flag_values.flags_by_module_dict().items():
+    if Path(module).stem not in (script, "train"):
+      continue
+    for flag in sorted(module_flags, key=lambda f: f.name):
+      default = "" if flag.default is None else f" (default: {flag.default_as_str})"
+      lines.append(f"  --{flag.name}: {_one_line(flag.help)}{default}")
+  lines += ["", "Presets (--config FILE:PRESET; FILE alone is the default preset):"]
+  for path in sorted(CONFIGS_DIR.glob("*.py")):
+    presets = config_presets(path)
+    width = max((len(name) for name, _ in presets), default=0)
+    for name, summary in presets or [("", "(no presets)")]:
+      lines.append(f"  configs/{path.name}:{name.ljust(width)}  {summary}")
+  lines += ["", "Every config key, with its value: add --print_config. Override any key with "
+            "--config.<key>=<value>", "(nested keys with dots: --config.train.lr=1e-3)."]
+  return "\n".join(lines)
 
 
 def _innermost_user_error(error: BaseException) -> BaseException | None:
@@ -124,10 +187,14 @@ def _override_message(argv: list[str], flag_values: flags.FlagValues = flags.FLA
 
 
 def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
-  """absl flag parsing with every user error reported by `fail` as one line.
+  """absl flag parsing with every user error reported by `fail` as one line; `-h`/`--help`
+  print `help_text` and exit 0.
 
   `flag_values`: the flags to parse into (tests pass their own `FlagValues`).
   """
+  if any(arg in HELP_ARGS for arg in argv[1:]):
+    print(help_text(flag_values))
+    sys.exit(0)
   try:
     return flag_values(argv)
   except flags.Error as e:
@@ -144,17 +211,49 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
     fail(message)
 
 
+LOG_FILE = "train.log"  # in the workdir: every log line with its time, level and logger
+
+
+class _ConsoleFormatter(logging.Formatter):
+  """The message alone for INFO, `warning: ...` / `error: ...` above: what a person reads. The
+  log file keeps time, level and logger."""
+
+  def format(self, record: logging.LogRecord) -> str:
+    message = super().format(record)
+    return message if record.levelno <= logging.INFO else f"{record.levelname.lower()}: {message}"
+
+
 def start_script(argv: list[str]) -> None:
-  """Shared start of the config-driven scripts: no stray arguments, INFO logs without noise."""
+  """Shared start of the config-driven scripts: no stray arguments, a concise INFO console."""
   if len(argv) > 1:
     fail(f"unexpected arguments {argv[1:]}; set config keys as --config.<key>=<value>")
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  console = logging.StreamHandler(sys.stderr)
+  console.setFormatter(_ConsoleFormatter())
+  console.setLevel(logging.INFO)
+  root = logging.getLogger()
+  root.handlers = [console]  # replaces absl's handler and its `I1204 20:36:48.27 ...] ` prefix
+  root.setLevel(logging.INFO)
+  logging.getLogger("recllm_jax").setLevel(logging.DEBUG)  # details (DEBUG) reach the log file
   logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save step at INFO.
   logging.getLogger("jax").setLevel(logging.WARNING)  # e.g. "Unable to initialize backend 'tpu'"
 
 
+def log_to_file(path: Path) -> None:
+  """Every log line, DEBUG details included, also goes to `path` (appended: resumes add on)."""
+  handler = logging.FileHandler(path)
+  handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+  handler.setLevel(logging.DEBUG)
+  logging.getLogger().addHandler(handler)
+
+
+def command_line() -> str:
+  """The command the user ran, as they would type it again."""
+  return " ".join(shlex.quote(arg) for arg in ["python", *sys.argv])
+
+
 def load_config(flag_values: flags.FlagValues = flags.FLAGS):
   """The parsed `--config`; a config file that fails to load ends in `fail` (one line).
+  With `--print_config` it prints the config and exits 0.
 
   ml_collections defers a config file's load error to the first access, so this touches it.
   """
@@ -163,6 +262,9 @@ def load_config(flag_values: flags.FlagValues = flags.FLAGS):
     config.get("workdir")
   except OSError as e:
     fail(_config_file_error(e, config_flags.get_config_filename(flag_values["config"])))
+  if getattr(flag_values, "print_config", False):  # (tests parse into FlagValues without it)
+    print(config)
+    sys.exit(0)
   return config
 
 
@@ -187,9 +289,23 @@ def main(argv: list[str]) -> None:
     # job, the others never touch it (recllm_jax/train/workdir_lock.py).
     workdir = expand_paths(config).workdir  # `~` and `$VAR`, as train() will expand them
     with workdir_lock.hold(workdir, jax.process_index(), agree=distributed.any_process):
-      train(config)
+      if jax.process_index() == 0 and "://" not in workdir:
+        log_to_file(Path(workdir) / LOG_FILE)
+        logging.getLogger(__name__).debug("command: %s", command_line())
+      row = train(config)
   except UserError as e:
-    fail(f"{type(e).__name__}: {e}")
+    fail(e)
+  if jax.process_index() == 0:
+    print(summary_line(config, workdir, row), file=sys.stderr)
+
+
+def summary_line(config, workdir: str, row: dict) -> str:
+  """What ran, how it ended and where its outputs are, in one line."""
+  ended = f"step {row['step']}/{config.train.num_steps}" if row else "no step logged"
+  if "loss" in row:
+    ended += f", loss {row['loss']:.4g}"
+  return (f"done: {command_line()}: {ended}; outputs in {workdir} (checkpoints/, metrics.jsonl, "
+          f"{LOG_FILE})")
 
 
 if __name__ == "__main__":

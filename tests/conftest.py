@@ -77,6 +77,13 @@ MESH_DEVICES = 8
 _DEVICE_COUNT_FLAG = re.compile(r"--xla_force_host_platform_device_count=\S*")
 
 
+def pytest_xdist_auto_num_workers(config) -> int:
+  """`-n auto` (pyproject.toml): one worker per core, at most 4. Each worker loads jax and torch
+  and builds its files' fixtures (~3 GB at the most), and most of a test's time is single-threaded
+  XLA compilation, so even 2 cores run two test files at once at nearly full speed."""
+  return max(1, min(os.cpu_count() or 1, 4))
+
+
 def pytest_configure(config):
   # Mesh tests need 8 simulated CPU devices. A user's own count (e.g. 2) is overridden rather than
   # respected: with fewer devices those tests could only skip, and the suite would pass without

@@ -125,6 +125,20 @@ def test_beam_returns_k_distinct_catalog_items_independent_of_batching(trained):
   assert alone == ranked[8:9]
 
 
+def test_bare_histories_rank_as_their_examples(trained):
+  """`recllm_jax.recommend` on a new user's history (item ids, no Example, no target)."""
+  import recllm_jax
+
+  model, tokenizer, ds, prompt_cfg = trained
+  examples = [ex for ex in ds.test[:3] if not ex.profile]  # a bare history carries no profile
+  assert examples
+  bare = recllm_jax.recommend(model, tokenizer, [list(ex.history) for ex in examples],
+                              ds.catalog, prompt_cfg, k=5, batch_size=8)
+  assert bare == inference.recommend(model, tokenizer, examples, ds.catalog, prompt_cfg, k=5,
+                                     batch_size=8)
+  assert inference.as_examples([["P1"]])[0].user_id == "user0"
+
+
 def test_beam_as_wide_as_the_catalog_is_exact_scoring(trained):
   """With a beam per title nothing is pruned, so the ranking is the exact one: every title
   teacher-forced after the prompt and ranked by its log-probability (EOS included)."""
@@ -227,3 +241,81 @@ def test_cf_prior_in_the_beam(trained):
   with pytest.raises(ValueError, match="mode='beam'"):
     inference.recommend(model, tokenizer, examples, ds.catalog, prompt_cfg, mode="sample",
                         cf_prior=cf_prior, cf_weight=1.0, **kwargs)
+
+
+# --- bad inputs: one-line user errors, cut histories counted ---------------------------------
+
+
+def _with_history(example, history):
+  """`example` with another history (its timestamps and actions, aligned with it, dropped)."""
+  import dataclasses
+
+  return dataclasses.replace(example, history=tuple(history), timestamps=None, actions=None)
+
+
+def test_bad_histories_are_one_line_errors_naming_the_example_and_the_item(trained):
+  from recllm_jax.errors import UserError
+
+  model, tokenizer, ds, prompt_cfg = trained
+  ex = ds.test[0]
+  first = ex.history[0]
+  where = f"example 1 (user {ex.user_id!r}): "
+  cases = {  # history -> the message
+      (): "the history is empty: recommend needs at least one item the user interacted with",
+      ex.history[:2] + ("P99999",): "history[2] 'P99999' is not in the catalog (60 items): "
+                                    "neither an item id nor the title of one",
+      # Users' own histories given as titles: one in the catalog, one that is not.
+      (first, ds.catalog.title(first)): f"history[1] {ds.catalog.title(first)!r} is the title of "
+                                        f"{first!r}, not an item id: histories hold catalog item ids",
+      ("Purple Stapler, 12-Pack",): "history[0] 'Purple Stapler, 12-Pack' is not in the catalog "
+                                    "(60 items): neither an item id nor the title of one",
+  }
+  for history, message in cases.items():
+    with pytest.raises(inference.ExampleError) as raised:
+      inference.recommend(model, tokenizer, [ex, _with_history(ex, history)], ds.catalog,
+                          prompt_cfg, k=3)
+    assert isinstance(raised.value, UserError) and str(raised.value) == where + message
+    assert (raised.value.index, raised.value.user_id) == (1, ex.user_id)
+    assert raised.value.item == (history[-1] if history else None)
+
+
+def test_a_catalog_the_model_was_not_trained_on_is_a_one_line_error(trained):
+  import copy
+
+  from recllm_jax.data.items import SidCodec
+  from recllm_jax.data.sids import format_sid
+
+  model, tokenizer, ds, prompt_cfg = trained  # a title model: its tokenizer has no SID tokens
+  examples = ds.test[:2]
+  sids = {item.item_id: format_sid((i // 8, i % 8)) for i, item in enumerate(ds.catalog)}
+  with pytest.raises(inference.CatalogMismatchError,
+                     match=r"semantic IDs use 16 tokens the model does not have \(first: '<a_0>'\)"):
+    inference.recommend(model, tokenizer, examples, SidCodec(ds.catalog, sids), prompt_cfg, k=3)
+  sid_tokenizer = copy.deepcopy(tokenizer)  # as a SID run's tokenizer: with SID tokens added
+  sid_tokenizer.add_tokens(["<a_0>", "<a_1>", "<b_0>"])
+  with pytest.raises(inference.CatalogMismatchError,
+                     match=r"writes items as semantic IDs \(its tokenizer has 2 first-level SID "
+                           r"tokens such as '<a_0>'\), but the catalog is given as titles"):
+    inference.recommend(model, sid_tokenizer, examples, ds.catalog, prompt_cfg, k=3)
+  smaller = Catalog(list(ds.catalog)[:10])
+  trie = cons.ItemTrie.from_catalog(smaller, tokenizer, vocab_size=model.cfg.vocab_size)
+  with pytest.raises(inference.CatalogMismatchError, match="trie= has 10 items over"):
+    inference.recommend(model, tokenizer, examples, ds.catalog, prompt_cfg, k=3, trie=trie)
+
+
+def test_histories_longer_than_the_prompt_budget_are_cut_and_counted(trained):
+  from recllm_jax.data.prompts import render_history
+
+  model, tokenizer, ds, prompt_cfg = trained
+  examples = ds.test[:10]  # the shapes of the test above: nothing compiles again
+  shown = [render_history(ex, ds.catalog, tokenizer, prompt_cfg)[1] for ex in examples]
+  cut = sum(n < len(ex.history) for n, ex in zip(shown, examples))
+  assert cut > 0  # the fixture's 40-token budget cuts synthetic histories
+  ranked = inference.recommend(model, tokenizer, examples, ds.catalog, prompt_cfg, k=5,
+                               batch_size=8)
+  assert isinstance(ranked, list) and len(ranked) == len(examples)
+  assert ranked.histories_cut == cut
+  newest = _with_history(examples[8], examples[8].history[-shown[8]:])  # what its prompt shows
+  alone = inference.recommend(model, tokenizer, [newest], ds.catalog, prompt_cfg, k=5,
+                              batch_size=8)
+  assert alone.histories_cut == 0 and alone == ranked[8:9]  # the oldest items were dropped

@@ -17,6 +17,7 @@ from typing import Any
 
 from recllm_jax.data.amazon18 import ITEMS_FILE, TEST_FILE, VALID_FILE, read_amazon18
 from recllm_jax.data.errors import DataError
+from recllm_jax.errors import MissingPathError
 from recllm_jax.data.items import ItemCodec, make_codec
 from recllm_jax.data.jsonl import read_jsonl
 from recllm_jax.data.schema import (
@@ -91,10 +92,26 @@ def load_dataset(
   return read_jsonl(root, on_bad_data=on_bad_data, min_history=min_history, max_history=max_history)
 
 
+def _check_synthetic_dir(root: Path, workdir: Path) -> None:
+  """Generated data goes into a folder that exists or one under the workdir, never a new folder
+  elsewhere: that is far more often a mistyped path to the user's own data than a wish."""
+  if root.exists() or root.absolute().is_relative_to(workdir.absolute()):
+    return
+  raise MissingPathError(
+      f"data.dir={str(root)!r} does not exist. data.format='synthetic' generates the offline "
+      f"demo data, and only into a folder that exists or one under the workdir (leave data.dir "
+      f"empty for {workdir / 'data'}). For your own data, fix the path and set data.format to "
+      "jsonl (JSONL or Parquet files), amazon18 or auto (docs/data.md); for a new synthetic cache, create the folder "
+      "first")
+
+
 def data_dir(config: Any, workdir: str | os.PathLike[str]) -> Path:
   """A run's data folder: `data.dir`, or `<workdir>/data` for generated synthetic data."""
   if config.data.dir:
-    return Path(config.data.dir)
+    root = Path(config.data.dir)
+    if config.data.format == "synthetic":
+      _check_synthetic_dir(root, Path(workdir))
+    return root
   if config.data.format == "synthetic":
     return Path(workdir) / "data"
   raise DataError(f"data.dir is empty; set --config.data.dir (format={config.data.format!r})")

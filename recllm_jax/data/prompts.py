@@ -48,6 +48,7 @@ __all__ = [
   "PromptConfig",
   "SftPair",
   "build_prompt",
+  "build_prompt_kept",
   "build_rationale",
   "build_sft_pair",
   "build_target",
@@ -273,10 +274,13 @@ def _render_profile(profile: Mapping[str, Any] | None, cfg: PromptConfig) -> str
   return cfg.profile_template.format(profile=cfg.profile_field_separator.join(fields)) if fields else ""
 
 
-def _prompt(
+def build_prompt_kept(
   example: Example, catalog: Catalog | ItemCodec, tokenizer: Tokenizer | None, cfg: PromptConfig,
   history_tokens: int | None = None,
 ) -> tuple[str, int]:
+  """:func:`build_prompt`'s text and how many history items it shows: the newest ones, fewer than
+  the history when the budget (``history_tokens``, default ``cfg.max_history_tokens``) cut the
+  oldest."""
   history, kept = render_history(example, catalog, tokenizer, cfg, max_tokens=history_tokens)
   answer_format = cfg.cot_answer_format if cfg.target_format == "cot" else cfg.direct_answer_format
   answer_format = answer_format.format(noun=as_codec(catalog).noun)
@@ -309,7 +313,7 @@ def build_prompt(example: Example, catalog: Catalog | ItemCodec, tokenizer: Toke
   SFT, GRPO rollouts and evaluation. Encode it with
   :func:`recllm_jax.data.tokenizer.encode_prompt` (exactly one BOS).
   """
-  return _prompt(example, catalog, tokenizer, cfg)[0]
+  return build_prompt_kept(example, catalog, tokenizer, cfg)[0]
 
 
 def prompt_opens_think(prompt: str) -> bool:
@@ -415,7 +419,7 @@ def _sft_pair(
   example: Example, catalog: Catalog | ItemCodec, tokenizer: Tokenizer | None, cfg: PromptConfig,
   history_tokens: int | None,
 ) -> SftPair:
-  prompt, kept = _prompt(example, catalog, tokenizer, cfg, history_tokens)
+  prompt, kept = build_prompt_kept(example, catalog, tokenizer, cfg, history_tokens)
   think_open = prompt_opens_think(prompt)
   text = _assistant_text(example, catalog, cfg, kept, think_open)
   # Whatever the prompt wrote after its last "<think>" (normally "<think>\n") is not repeated.

@@ -169,6 +169,13 @@ class Qwen2Config:
   def jnp_param_dtype(self) -> Any:
     return dtype_from_name(self.param_dtype)
 
+  def summary(self, num_params: int) -> str:
+    """One short line: size, shape and numerics (the whole config is long: log it at DEBUG)."""
+    lora = f", LoRA rank {self.lora_rank}" if self.lora_rank else ""
+    return (f"Qwen2 {num_params / 1e6:.3g}M params ({self.num_hidden_layers} layers, hidden "
+            f"{self.hidden_size}, vocab {self.vocab_size}), {self.param_dtype} params, "
+            f"{self.dtype} compute, attention {self.attention}{lora}")
+
   def replace(self, **changes: Any) -> "Qwen2Config":
     """A copy with `changes`; a derived head_dim is derived again from the new sizes.
 

@@ -24,6 +24,13 @@ What a resume survives (docs/training.md, "What survives what"):
   * another process count: the data iterator state is one file per process, but every process
     holds the same batch index (`data.pipeline.process_batches`), so it is re-sharded to the
     new count when the saved files agree; otherwise `ProcessCountError` says what to do.
+  * a kill -9 during a save: the step's `<step>.orbax-checkpoint-tmp` directory is never counted
+    (`finalized_steps`, Orbax's `all_steps`), the resume starts from the step before, and saving
+    that step again replaces the partial directory. Tests kill at that moment deterministically
+    with `RECLLM_FAULT_KILL_AT_SAVE=<step>` (`FAULT_KILL_AT_SAVE`, test-only fault injection):
+    the process SIGKILLs itself as soon as the save of `<step>` has started, that is with
+    asynchronous saves (`train.async_checkpoint`, the default) while the temporary directory
+    exists and the state write is in flight; a synchronous save is complete by then.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 from typing import Any
 
 import grain
@@ -50,6 +58,8 @@ log = logging.getLogger(__name__)
 TASK_ITEM = "task"  # the optional item holding a task's own state (`Task.extra_state`)
 DAMAGED_DIR = "checkpoints.damaged"  # <workdir>/checkpoints.damaged/<step>: steps set aside
 _DATA_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")  # grain.checkpoint's per-process file
+# Test-only fault injection (module docstring): SIGKILL once the save of this step started.
+FAULT_KILL_AT_SAVE = "RECLLM_FAULT_KILL_AT_SAVE"
 
 
 class NoIntactCheckpointError(UserError, RuntimeError):
@@ -130,6 +140,9 @@ class Checkpointer:
     if saved:
       self._pending = step  # an async error raised by a later call belongs to this step
       log.info("saving checkpoint %d to %s", step, self.directory)
+      if os.environ.get(FAULT_KILL_AT_SAVE) == str(step):  # tests only (module docstring)
+        log.warning("%s=%d: killing this process during the save", FAULT_KILL_AT_SAVE, step)
+        os.kill(os.getpid(), signal.SIGKILL)
     return saved
 
   @contextlib.contextmanager
@@ -329,5 +342,5 @@ class Checkpointer:
         log.debug("closing after a failed write: %s", e)
 
 
-__all__ = ["CheckpointWriteError", "Checkpointer", "DAMAGED_DIR", "NoIntactCheckpointError",
-           "ProcessCountError", "TASK_ITEM", "finalized_steps"]
+__all__ = ["CheckpointWriteError", "Checkpointer", "DAMAGED_DIR", "FAULT_KILL_AT_SAVE",
+           "NoIntactCheckpointError", "ProcessCountError", "TASK_ITEM", "finalized_steps"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from recllm_jax import paths, sharding
-from recllm_jax.errors import ConfigError, MissingPathError
+from recllm_jax.data.loading import data_dir
+from recllm_jax.errors import ConfigError, MissingPathError, UserErrors, raise_error
 from recllm_jax.models import fused_attention
 from recllm_jax.models.config import dtype_from_name, resolve_attention
 from recllm_jax.train import build
@@ -104,29 +105,44 @@ def batch_factors(config: ml_collections.ConfigDict,
 
 
 def check_paths(config: ml_collections.ConfigDict) -> None:
-  """Input paths named by the config exist (the workdir and synthetic data are created)."""
-  build.check_model_path(config)
+  """Input paths named by the config exist (the workdir and synthetic data are created); every
+  missing one is reported (`UserErrors` when several)."""
+  found = UserErrors()
+  found.attempt(build.check_model_path, config)
   if config.model.tokenizer_path and not Path(config.model.tokenizer_path).exists():
-    raise MissingPathError(f"model.tokenizer_path={config.model.tokenizer_path!r} does not exist")
-  if (config.data.dir and config.data.format != "synthetic"
-      and not Path(config.data.dir).is_dir()):
-    raise MissingPathError(f"data.dir={config.data.dir!r} is not a directory "
-                           f"(data.format={config.data.format!r})")
+    found.attempt(raise_error, MissingPathError(
+        f"model.tokenizer_path={config.model.tokenizer_path!r} does not exist"))
+  if config.data.dir:
+    root = found.attempt(data_dir, config, config.workdir)
+    if root is not None and config.data.format != "synthetic" and not root.is_dir():
+      found.attempt(raise_error, MissingPathError(
+          f"data.dir={config.data.dir!r} is not a directory (data.format={config.data.format!r})"))
+  found.raise_found()
 
 
-def check_config(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-  """All start-up checks; returns the mesh. Nothing slow (data, weights, compiles) runs first."""
-  check_every_keys(config)
+def check_config(config: ml_collections.ConfigDict,
+                 *more_checks: Callable[[ml_collections.ConfigDict], object]
+                 ) -> jax.sharding.Mesh:
+  """All start-up checks, then `more_checks` (the task's); returns the mesh. Nothing slow (data,
+  weights, compiles) runs first. Every independent error is reported, not only the first: one
+  raises itself, several raise `UserErrors` (one line each)."""
+  found = UserErrors()
+  found.attempt(check_every_keys, config)
   if config.train.grad_accum_steps < 1:
-    raise ConfigError(f"train.grad_accum_steps={config.train.grad_accum_steps} must be >= 1")
-  build.check_model_choice(config)
-  build.lora_settings(config)
-  check_precision(config)
-  check_attention(config)
-  profile_steps(config)
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-  check_batch_split(batch_rows(config), batch_factors(config, mesh))
-  check_paths(config)
+    found.attempt(raise_error, ConfigError(
+        f"train.grad_accum_steps={config.train.grad_accum_steps} must be >= 1"))
+  found.attempt(build.check_model_choice, config)
+  found.attempt(build.lora_settings, config)
+  found.attempt(check_precision, config)
+  found.attempt(check_attention, config)
+  found.attempt(profile_steps, config)
+  mesh = found.attempt(sharding.make_mesh, config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  if mesh is not None and config.train.grad_accum_steps >= 1:
+    found.attempt(check_batch_split, batch_rows(config), batch_factors(config, mesh))
+  found.attempt(check_paths, config)
+  for check in more_checks:
+    found.attempt(check, config)
+  found.raise_found()
   return mesh
 
 

@@ -127,6 +127,13 @@ def check_resume_config(config: ml_collections.ConfigDict, workdir: Any) -> None
   check_config(saved, new, str(workdir))
 
 
+def read_data_fingerprint(workdir: Any) -> dict[str, Any] | None:
+  """The fingerprint of the data a run in `workdir` was trained on (`DATA_FINGERPRINT_FILE`), or
+  None when it has none (a run from before fingerprints were saved, or no run at all)."""
+  path = paths.workdir_path(workdir) / DATA_FINGERPRINT_FILE
+  return json.loads(path.read_text()) if path.exists() else None
+
+
 def check_data(fingerprint: dict[str, Any] | None, workdir: Any, resuming: bool,
                data_dir: str = "") -> None:
   """Compares `fingerprint` (None: the task has no dataset) with `<workdir>`'s saved one when
@@ -137,8 +144,8 @@ def check_data(fingerprint: dict[str, Any] | None, workdir: Any, resuming: bool,
     return
   path = paths.workdir_path(workdir) / DATA_FINGERPRINT_FILE
   if resuming:
-    if path.exists():
-      saved = json.loads(path.read_text())
+    saved = read_data_fingerprint(workdir)
+    if saved is not None:
       changed = [k for k in sorted(saved.keys() | fingerprint.keys())
                  if saved.get(k) != fingerprint.get(k)]
       if changed:
@@ -157,4 +164,5 @@ def check_data(fingerprint: dict[str, Any] | None, workdir: Any, resuming: bool,
 
 
 __all__ = ["DATA_FINGERPRINT_FILE", "MEANING_KEYS", "ResumeDriftError", "SAFE_KEYS",
-           "check_config", "check_data", "check_resume_config", "compare_configs"]
+           "check_config", "check_data", "check_resume_config", "compare_configs",
+           "read_data_fingerprint"]

@@ -62,7 +62,7 @@ from recllm_jax import distributed, paths
 from recllm_jax.rollout import (ItemRollout, RolloutBatch, collate_prompts, normalize_mode,
                                 render_prompt)
 from recllm_jax.data import pipeline
-from recllm_jax.errors import ConfigError
+from recllm_jax.errors import ConfigError, UserErrors, raise_error
 from recllm_jax.train import advantages as adv_lib
 from recllm_jax.train import metrics as metrics_lib
 from recllm_jax.train import logprobs as logprobs_lib
@@ -278,6 +278,26 @@ class GrpoTask:
 
   name = "grpo"
 
+  @staticmethod
+  def check_config(config: ml_collections.ConfigDict) -> None:
+    """The `grpo.*` keys, checked before anything loads; every bad one is reported."""
+    from recllm_jax.train import build
+
+    gc = config.grpo
+    found = UserErrors()
+    if gc.rollout not in ROLLOUTS:
+      found.attempt(raise_error, ConfigError(f"grpo.rollout={gc.rollout!r}; expected one of {ROLLOUTS}"))
+    found.attempt(check_recipe_keys, gc)
+    found.attempt(adv_lib.get_advantage_fn, gc.advantage)
+    found.attempt(policy_loss.get_loss_aggregation, gc.loss_type)
+    lora = found.attempt(build.lora_settings, config)
+    if lora and gc.beta > 0 and int(gc.ref_sync_every):
+      found.attempt(raise_error, ConfigError(
+          f"grpo.ref_sync_every={gc.ref_sync_every} with model.lora.rank={lora['rank']}: a LoRA "
+          "run's reference is its frozen base (adapters off), which cannot follow the policy; "
+          "set grpo.ref_sync_every=0 or model.lora.rank=0"))
+    found.raise_found()
+
   def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path):
     from recllm_jax.data.loading import load_run_data
     from recllm_jax.data.prompts import PromptConfig
@@ -287,12 +307,8 @@ class GrpoTask:
     self.config = config
     self.workdir = paths.workdir_path(workdir)
     gc = self.gc = config.grpo
-    if gc.rollout not in ROLLOUTS:
-      raise ConfigError(f"grpo.rollout={gc.rollout!r}; expected one of {ROLLOUTS}")
+    self.check_config(config)
     self.mode = normalize_mode(gc.rollout)
-    check_recipe_keys(gc)
-    adv_lib.get_advantage_fn(gc.advantage)
-    policy_loss.get_loss_aggregation(gc.loss_type)
     self.updates_per_step = int(gc.num_iterations)
     self.dataset, self.codec = load_run_data(config, self.workdir)
     self.tokenizer = build.load_tokenizer(config, self.workdir, self.dataset.catalog,
@@ -380,13 +396,7 @@ class GrpoTask:
     # LoRA: the reference is the frozen base, i.e. the policy with its adapters off (as TRL
     # does with PEFT): the same params, no second copy.
     self.ref_logprob_fn = None
-    if gc.beta > 0 and run.model_cfg.lora_rank:
-      if self.ref_sync_every:
-        raise ConfigError(
-            f"grpo.ref_sync_every={self.ref_sync_every} with model.lora.rank="
-            f"{run.model_cfg.lora_rank}: a LoRA run's reference is its frozen base (adapters "
-            "off), which cannot follow the policy; set grpo.ref_sync_every=0 or "
-            "model.lora.rank=0")
+    if gc.beta > 0 and run.model_cfg.lora_rank:  # ref_sync_every = 0: check_config
       self.ref_logprob_fn = make_logprob_fn(run.graphdef, temperature=gc.temperature,
                                             logits_chunk_size=chunk, adapters=False)
       log.info("reference model (beta=%g): the LoRA base with adapters off (no copy held)",

@@ -27,6 +27,7 @@ from typing import Any
 import jax
 import ml_collections
 from etils import epath
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from recllm_jax import distributed, paths, sharding
 from recllm_jax.rec import cf_prior
@@ -46,10 +47,16 @@ class NonFiniteLossError(UserError, FloatingPointError):
   """Training produced a NaN/inf loss or gradient; the state is not saved."""
 
 
-def make_task(config: ml_collections.ConfigDict, workdir: epath.Path) -> Task:
-  """The `Task` registered as `config.task` in `TASKS`."""
+def check_task(config: ml_collections.ConfigDict) -> None:
+  """`config.task` is registered in `TASKS`, and its keys pass the task's `check_config`."""
   if config.task not in TASKS:
     raise ConfigError(f"task={config.task!r} is not a known task; expected one of {sorted(TASKS)}")
+  TASKS[config.task].check_config(config)
+
+
+def make_task(config: ml_collections.ConfigDict, workdir: epath.Path) -> Task:
+  """The `Task` registered as `config.task` in `TASKS`."""
+  check_task(config)
   return TASKS[config.task](config, workdir)
 
 
@@ -141,7 +148,7 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
   exit still happens); with `log_every=0` the returned row is empty.
   """
   config = checks.expand_paths(config)
-  mesh = checks.check_config(config)
+  mesh = checks.check_config(config, check_task)
   workdir = paths.workdir_path(config.workdir)  # local, or gs://bucket/run
   workdir.mkdir(parents=True, exist_ok=True)
   # Drift on resume: a config that changes what the checkpoints mean is a one-line error naming
@@ -154,6 +161,7 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
   tc = config.train
   # Measured before any data or checkpoint threads start competing for the CPU.
   peak, peak_source = metrics_lib.peak_flops_per_device(tc.peak_flops)
+  metrics_lib.count_compiles()  # every row logs `xla_compiles` and `host_rss_mb`
 
   # Process 0 first: it writes what the others then reuse (synthetic data, a trained tokenizer).
   with distributed.main_process_first("make_task"):
@@ -194,15 +202,18 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
   if start and abstract_extra is not None:
     task.restore_extra_state(extra)
   last_saved = start or None
-  log.info("task %s; model: %s; %d params; peak %.3g FLOP/s per device (%s)", task.name,
-           model_cfg, sum(x.size for x in jax.tree.leaves(state.params)), peak, peak_source)
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  log.info("task %s: %s; peak %.3g FLOP/s per device (%s)", task.name,
+           model_cfg.summary(num_params), peak, peak_source)
+  log.debug("model config: %s", model_cfg)
   throughput = metrics_lib.Throughput(peak * jax.device_count())
   bar = metrics_lib.progress_bar(tc.num_steps, start)
   profiler = StepProfiler(checks.profile_steps(config), workdir / PROFILE_DIR)
   row: dict[str, Any] = {}
   step, consistent, healthy = start, True, True
   try:
-    with jax.set_mesh(mesh), stop_requested() as stop:
+    # logging_redirect_tqdm: a log line during training prints above the bar, not through it.
+    with jax.set_mesh(mesh), stop_requested() as stop, logging_redirect_tqdm():
       # any_process: a signal seen by one host stops every host after the same step (so all
       # save that step together); one tiny collective per step with several processes.
       while step < tc.num_steps and not distributed.any_process(bool(stop)):
@@ -220,7 +231,7 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
           raise NonFiniteLossError(error)
         last = step == tc.num_steps
         if checks.is_due(step, tc.log_every) or (tc.log_every and last):
-          row = writer.write(step, {**m, **throughput.update()})
+          row = writer.write(step, {**m, **throughput.update(), **metrics_lib.host_metrics()})
           bar.set_postfix(metrics_lib.progress_fields(row))
         if checks.is_due(step, tc.eval_every) or (tc.eval_every and last):
           held_out = task.evaluate(state)

@@ -104,6 +104,43 @@ class Throughput:
     return out
 
 
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax._src.dispatch's, per compile
+_compiles: list[int] = []  # XLA compilations seen by the listener; empty: not counting yet
+
+
+def count_compiles() -> None:
+  """Starts counting this process's XLA compilations for `host_metrics` (once per process)."""
+  if _compiles:
+    return
+  _compiles.append(0)
+
+  def listener(event: str, duration: float, **kwargs: Any) -> None:
+    if event == _COMPILE_EVENT:
+      _compiles[0] += 1
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+
+
+def host_rss_mb() -> float:
+  """This process's resident host memory in MiB: now on Linux (/proc), elsewhere the peak."""
+  try:
+    with open("/proc/self/statm") as f:
+      return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+  except (OSError, ValueError, IndexError):
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, KiB elsewhere
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def host_metrics() -> dict[str, float]:
+  """`host_rss_mb` (now) and `xla_compiles`: the XLA compilations of this process since
+  `count_compiles` (cumulative: a count that still grows after the first steps, evaluation and
+  checkpoint means something recompiles)."""
+  return {"host_rss_mb": host_rss_mb(), "xla_compiles": _compiles[0] if _compiles else 0}
+
+
 def progress_fields(row: Mapping[str, Any]) -> dict[str, str]:
   """The progress bar's short summary of a logged row (loss or reward, tokens/s)."""
   fields = {"loss": f"{row['loss']:.4f}"} if "loss" in row else {}
@@ -180,5 +217,6 @@ def progress_bar(total: int, initial: int):
               dynamic_ncols=True, desc="train")
 
 
-__all__ = ["MetricsWriter", "PEAK_FLOPS_BF16", "Throughput", "flops_per_token", "matmul_params",
-           "measure_matmul_flops", "peak_flops_per_device", "progress_bar", "progress_fields"]
+__all__ = ["MetricsWriter", "PEAK_FLOPS_BF16", "Throughput", "count_compiles", "flops_per_token",
+           "host_metrics", "host_rss_mb", "matmul_params", "measure_matmul_flops",
+           "peak_flops_per_device", "progress_bar", "progress_fields"]

@@ -99,12 +99,23 @@ class SftTask:
   name = "sft"
   updates_per_step = 1
 
+  @staticmethod
+  def check_config(config: ml_collections.ConfigDict) -> list[str]:
+    """The SFT keys, checked before anything loads; returns the `data.align_tasks` names."""
+    from recllm_jax.data.prompts import ALIGN_TASKS
+    from recllm_jax.errors import ConfigError
+
+    tasks = [t.strip() for t in config.data.align_tasks.split(",") if t.strip()]
+    unknown = sorted(set(tasks) - set(ALIGN_TASKS))
+    if unknown:
+      raise ConfigError(f"data.align_tasks: unknown task(s) {unknown}; expected a comma-separated "
+                        f"subset of {list(ALIGN_TASKS)}")
+    return tasks
+
   def __init__(self, config: ml_collections.ConfigDict, workdir: str | os.PathLike):
     from recllm_jax.data.loading import load_run_data
-    from recllm_jax.data.prompts import (ALIGN_TASKS, AlignmentExample, PromptConfig,
-                                         alignment_examples, build_alignment_pair,
-                                         build_sft_pair)
-    from recllm_jax.errors import ConfigError
+    from recllm_jax.data.prompts import (AlignmentExample, PromptConfig, alignment_examples,
+                                         build_alignment_pair, build_sft_pair)
     from recllm_jax.data.schema import user_sequences
 
     workdir = paths.workdir_path(workdir)
@@ -119,11 +130,7 @@ class SftTask:
       self.train_examples = user_sequences(self.dataset.train)
       log.info("data.user_sequences: %d of %d training examples are users' longest sequences",
                len(self.train_examples), len(self.dataset.train))
-    tasks = [t.strip() for t in config.data.align_tasks.split(",") if t.strip()]
-    unknown = sorted(set(tasks) - set(ALIGN_TASKS))
-    if unknown:
-      raise ConfigError(f"data.align_tasks: unknown task(s) {unknown}; expected a comma-separated "
-                        f"subset of {list(ALIGN_TASKS)}")
+    tasks = self.check_config(config)
     if tasks:
       aligned = alignment_examples(self.codec, tasks)
       log.info("data.align_tasks: %d alignment examples (%s) mixed into %d training examples",

@@ -79,6 +79,10 @@ class Task(Protocol):
   tokenizer: Any  # a `transformers` tokenizer; the model's vocabulary must cover it
   updates_per_step: int
 
+  @staticmethod
+  def check_config(config: Any) -> Any:
+    """Raises a `UserError` naming the key for a bad task key; runs before anything loads."""
+
   def train_iterator(self) -> grain.DatasetIterator: ...
 
   def setup(self, run: Run) -> None: ...

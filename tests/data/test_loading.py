@@ -55,3 +55,24 @@ def test_synthetic_roundtrip(synthetic_dir):
     assert ex.timestamps is not None and len(ex.timestamps) == len(ex.history)
 
 
+
+
+def test_synthetic_data_dir_must_exist_or_sit_under_the_workdir(tmp_path):
+  from ml_collections import ConfigDict
+
+  from recllm_jax.data.loading import data_dir
+  from recllm_jax.errors import MissingPathError
+
+  def config(path: str) -> ConfigDict:
+    return ConfigDict({"data": {"dir": path, "format": "synthetic"}})
+
+  workdir = tmp_path / "run"
+  assert data_dir(config(""), workdir) == workdir / "data"
+  assert data_dir(config(str(workdir / "cache")), workdir) == workdir / "cache"  # under it
+  (tmp_path / "shared").mkdir()
+  assert data_dir(config(str(tmp_path / "shared")), workdir) == tmp_path / "shared"  # exists
+  with pytest.raises(MissingPathError, match="data.dir=.*typo' does not exist"):
+    data_dir(config(str(tmp_path / "typo")), workdir)
+  # Another format's folder is checked where it is read, not here.
+  other = ConfigDict({"data": {"dir": str(tmp_path / "typo"), "format": "jsonl"}})
+  assert data_dir(other, workdir) == tmp_path / "typo"

@@ -71,6 +71,16 @@ def test_eval_json_is_evaluate_rankings_of_the_predictions(run):
   assert {key: metrics[key] for key in expected} == expected
   assert metrics["num_examples"] == 12 and metrics["examples_per_s"] > 0
   assert "hr@10" not in metrics  # cut-offs above k would only restate hr@5
+  # Histories longer than the prompt budget are cut (newest items kept) and counted.
+  import transformers
+
+  from recllm_jax.data.prompts import PromptConfig, render_history
+  tokenizer = transformers.AutoTokenizer.from_pretrained(workdir / "tokenizer")
+  prompt_cfg = PromptConfig(**json.loads((workdir / "config.json").read_text())["data"]["prompt"])
+  cut = sum(render_history(ex, ds.catalog, tokenizer, prompt_cfg)[1] < len(ex.history)
+            for ex in examples)
+  assert cut > 0 and metrics["histories_cut"] == cut  # the 40-token budget cuts synthetic ones
+  assert f"{cut} histories cut to the prompt budget" in done.stdout, done.stdout
 
 
 def test_missing_workdir_is_a_one_line_error(tmp_path, run):
@@ -94,6 +104,52 @@ def test_workdir_without_a_finished_checkpoint_is_a_one_line_error(tmp_path, run
   lines = done.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: MissingPathError"), done.stderr[-2000:]
   assert f"{workdir / 'checkpoints'} holds no finished checkpoint" in lines[0]
+
+
+@pytest.fixture(scope="module")
+def fingerprinted(tmp_path_factory) -> tuple[Path, Path]:
+  """(workdir, data dir): a workdir as training starts it, with its config.json and the
+  fingerprint of its data, but no checkpoint (the catalog is checked before any model loads)."""
+  from recllm_jax import paths
+  from recllm_jax.rec.cf_prior import data_fingerprint
+  from recllm_jax.train import drift
+  from recllm_jax.train.loop import save_config
+
+  root = tmp_path_factory.mktemp("fingerprinted")
+  data = generate_synthetic(root / "data", num_items=60, num_users=20, seed=0)
+  workdir = paths.workdir_path(root / "run")
+  workdir.mkdir()
+  save_config(configure(sft_configs.get_config("tiny"), workdir=str(workdir),
+                        **{"data.dir": str(data)}, **RUN), workdir)
+  drift.check_data(data_fingerprint(load_dataset(data, "synthetic")), workdir, resuming=False)
+  return Path(workdir), data
+
+
+def test_data_with_another_catalog_is_a_one_line_error_before_the_model_loads(fingerprinted,
+                                                                                 tmp_path):
+  workdir, _ = fingerprinted
+  other = generate_synthetic(tmp_path / "other", num_items=50, num_users=20, seed=0)
+  done = evaluate(workdir, other)
+  assert done.returncode == 2
+  lines = done.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: CatalogMismatchError"), \
+    done.stderr[-2000:]
+  assert f"data.dir={str(other)!r} has another catalog than the one {workdir} was trained on " \
+         "(60 items -> 50;" in lines[0], lines[0]
+
+
+def test_check_trained_catalog_compares_the_item_ids_in_order(fingerprinted, tmp_path):
+  from recllm_jax.data import Catalog, RecDataset
+  from recllm_jax.inference import CatalogMismatchError, check_trained_catalog
+
+  workdir, data = fingerprinted
+  ds = load_dataset(data, "synthetic")
+  check_trained_catalog(ds, workdir, data)  # the data it was trained on
+  check_trained_catalog(ds, tmp_path, data)  # no fingerprint saved: nothing to compare
+  reordered = RecDataset(Catalog(reversed(list(ds.catalog))), ds.train, ds.valid, ds.test)
+  with pytest.raises(CatalogMismatchError, match="60 items either way, but other ids or another "
+                                                 "order; items_sha256 of its data_fingerprint"):
+    check_trained_catalog(reordered, workdir, data)
 
 
 def test_cot_constrained_on_a_direct_config_is_a_one_line_error(run):

@@ -12,7 +12,8 @@ import pytest
 
 from recllm_jax.data.errors import DataError
 from recllm_jax.errors import MissingPathError
-from recllm_jax.plots import bar_chart, curves, plot_metrics, read_metrics
+from recllm_jax.plots import (PENALTY_KEY, bar_chart, bar_chart_figure, curves, loss_title,
+                               plot_metrics, read_metrics)
 
 REPO = Path(__file__).resolve().parents[2]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -85,12 +86,52 @@ def test_read_errors_name_the_file_and_line(tmp_path):
     plot_metrics(tmp_path)
 
 
+def test_grpo_loss_plot_splits_the_terms_and_says_which_dominates(tmp_path):
+  # As GRPO logs them: loss = pg_loss + beta * KL; pg_loss ~0 (group-centred advantages).
+  rows = [{"step": s, "loss": 1e-5 * s + 1e-8, "pg_loss": 1e-8, "kl": 0.01 * s, "reward": 0.5}
+          for s in (1, 2, 3)]
+  drawn = curves(rows)["loss"]
+  assert list(drawn) == ["loss", "pg_loss", PENALTY_KEY]
+  assert drawn[PENALTY_KEY][0] == [1, 2, 3]
+  assert drawn[PENALTY_KEY][1] == pytest.approx([1e-5, 2e-5, 3e-5])
+  title = loss_title(drawn, grpo=True)
+  assert title.startswith("GRPO loss = policy-gradient term + KL penalty\n")
+  assert "the KL penalty dominates (mean size: KL 2e-05, pg 1e-08)" in title
+  flipped = [{**r, "pg_loss": 0.5, "loss": 0.5 + 1e-5} for r in rows]
+  assert "the policy-gradient term dominates" in loss_title(curves(flipped)["loss"], grpo=True)
+  even = [{**r, "pg_loss": 1e-5, "loss": 2e-5} for r in rows]
+  assert "neither term dominates" in loss_title(curves(even)["loss"], grpo=True)
+  assert loss_title(curves(SFT_ROWS)["loss"], grpo=False).startswith("SFT loss: mean cross-")
+  path = plot_metrics(write_metrics(tmp_path / "run", rows))[0]
+  assert path.name == "loss.png" and png_size(path) == (700, 400)  # the terms share one panel
+
+
+def test_bar_chart_is_one_panel_per_metric_in_a_grid(tmp_path):
+  names = ["sft", "grpo", "grpo+cf", "markov", "popularity", "sasrec", "published D3", "x"]
+  metrics = ["hr@5", "ndcg@5", "hr@10", "ndcg@10", "hr@20", "ndcg@20"]
+  results = {n: {m: 0.1 * i + 0.01 * j for j, m in enumerate(metrics)}
+             for i, n in enumerate(names)}
+  fig = bar_chart_figure(results, metrics=metrics, title="demo")
+  shown = [ax for ax in fig.axes if ax.get_visible()]
+  assert [ax.get_title() for ax in shown] == metrics  # one panel each, in order
+  assert all(len(ax.patches) == len(names) for ax in shown)  # one bar per entry
+  assert fig.get_size_inches() == pytest.approx((13.5, 0.4 + 2 * (1.0 + 0.3 * len(names))))
+  path = bar_chart(results, tmp_path / "results.png", metrics=metrics)
+  assert png_size(path) == (1350, 720)  # 3 x 2 panels, not the old 2520 x 400 strip
+  # Fewer metrics than columns: one row, no empty panels.
+  fig = bar_chart_figure(results, metrics=["hr@10", "ndcg@10"])
+  assert sum(ax.get_visible() for ax in fig.axes) == 2
+  assert fig.get_size_inches()[0] == pytest.approx(9.5)
+
+
 def test_bar_chart_of_models_vs_baselines(tmp_path):
   results = {"GRPO": {"hr@10": 0.12, "ndcg@10": 0.07}, "SFT": {"hr@10": 0.09, "ndcg@10": 0.05},
              "Popularity": {"hr@10": 0.03}}  # a baseline without ndcg gets no bar there
   path = bar_chart(results, tmp_path / "charts" / "results.png", metrics=("hr@10", "ndcg@10"),
                    title="Office_Products")
-  assert path.parent.name == "charts" and png_size(path)[1] == 400
+  assert path.parent.name == "charts" and png_size(path) == (950, 230)
+  fig = bar_chart_figure(results, metrics=("hr@10", "ndcg@10"))
+  assert [len(ax.patches) for ax in fig.axes] == [3, 2]
   with pytest.raises(ValueError, match=r"\['recall@5'\] are not reported"):
     bar_chart(results, tmp_path / "bad.png", metrics=("hr@10", "recall@5"))
   assert not (tmp_path / "bad.png").exists()

@@ -3,6 +3,7 @@ training). The pipeline itself is run by hand (docs/results.md): it takes minute
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -25,17 +26,56 @@ def test_scripts_parse(script):
   assert done.returncode == 0, done.stderr
 
 
+def _says_what_the_folder_must_hold(done: subprocess.CompletedProcess, problem: str) -> None:
+  assert done.returncode == 2
+  lines = done.stderr.strip().splitlines()
+  assert lines[0].startswith(f"error: {problem}. DATA_DIR must be an Amazon-2018-format folder")
+  assert len(lines) <= 12, done.stderr  # a few lines, not a wall
+  text = done.stderr
+  for needed in ("items.json", "valid.csv", "test.csv", "info.txt", "optional",  # the layout
+                 "published valid/test splits of the MiniOneRec repository, data/Amazon/",
+                 "Office_Products", "docs/data.md", "catalog.jsonl + interactions.jsonl",
+                 "FORMAT=jsonl bash scripts/reproduce.sh YOUR_DIR", "bash scripts/demo.sh"):
+    assert needed in text, needed
+  assert done.stdout == ""
+
+
 def test_a_folder_without_the_amazon_files_says_what_it_must_hold(tmp_path):
   (tmp_path / "data").mkdir()
   (tmp_path / "data" / "items.json").write_text("{}")
   done = _reproduce(tmp_path, tmp_path / "data")
-  assert done.returncode == 2
-  lines = done.stderr.strip().splitlines()
-  assert len(lines) == 1, done.stderr
-  for needed in ("valid.csv not found", "items.json, valid.csv and test.csv", "info.txt",
-                 "MiniOneRec", "data/Amazon/", "docs/data.md"):
-    assert needed in lines[0]
+  _says_what_the_folder_must_hold(done, f"{tmp_path / 'data'} has no valid.csv, test.csv")
   assert not (tmp_path / "out").exists()  # nothing started
+
+
+def test_a_missing_folder_says_what_it_must_hold(tmp_path):
+  # As a fresh clone without ../shared runs it: no folder at all.
+  done = subprocess.run(["bash", "scripts/reproduce.sh", "/nonexistent", str(tmp_path / "x")],
+                        capture_output=True, text=True, timeout=60, cwd=REPO)
+  _says_what_the_folder_must_hold(done, "/nonexistent does not exist")
+  assert not (tmp_path / "x").exists()
+
+
+def test_the_last_line_names_the_command_and_the_outputs(tmp_path):
+  # Every stage stubbed (an interpreter that does nothing): the shell's own ending, in a second.
+  stub = tmp_path / "python"
+  stub.write_text("#!/bin/sh\nexit 0\n")
+  stub.chmod(0o755)
+  out = tmp_path / "demo"
+  done = subprocess.run(["bash", "scripts/demo.sh", str(out)], capture_output=True, text=True,
+                        timeout=60, cwd=REPO, env={**os.environ, "PYTHON": str(stub)})
+  assert done.returncode == 0, done.stderr
+  lines = done.stdout.strip().splitlines()
+  assert lines[-2].startswith("stage times: sids ") and "stage_times.json" in lines[-2]
+  assert lines[-1].startswith(f"bash scripts/demo.sh {out}: done in 0 min ")
+  assert lines[-1].endswith(f"outputs in {out}/ (results.json, results.png; sft/, grpo/, "
+                            "baselines/: checkpoints, curves, predictions)")
+  assert json.loads((out / "stage_times.json").read_text())["total"] >= 0
+  done = subprocess.run(["bash", "scripts/reproduce.sh", str(out / "sft" / "data"), str(out)],
+                        capture_output=True, text=True, timeout=60, cwd=REPO,
+                        env={**os.environ, "PYTHON": str(stub), "FORMAT": "synthetic"})
+  assert done.stdout.strip().splitlines()[-1].startswith(
+      f"bash scripts/reproduce.sh {out / 'sft' / 'data'} {out}: done in 0 min ")
 
 
 def test_an_unknown_item_format_is_a_one_line_error(tmp_path):

@@ -209,6 +209,70 @@ def test_resume_after_sigkill_replays_the_same_rollouts(tmp_path, sft_dir, data_
       assert got[step][key] == pytest.approx(expected[step][key], abs=1e-5), (step, key)
 
 
+# The soak: 300 steps with evaluation, samples and checkpoints on. The warm-up (the first
+# WARM_UP steps of a process) holds every first: step, evaluation, samples, checkpoint. Shapes
+# are fixed: prompts fit the smallest prefill bucket and 32 new tokens are one completion bucket
+# (`training_rows` rounds the longest completion up to 32; with 48 new tokens a batch whose
+# completions all fit 32 compiles the update once more, the first time one comes).
+SOAK = {"train.num_steps": 300, "train.eval_every": 10, "grpo.samples_every": 10,
+        "train.checkpoint_every": 20, "grpo.max_new_tokens": 32}
+WARM_UP = 20
+
+
+@pytest.mark.slow  # ~75 s: two 300-step runs side by side, one stopped by SIGTERM and resumed
+def test_soak_memory_compiles_and_metrics_lines_over_300_steps(tmp_path, sft_dir, data_dir):
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  full, stopped = tmp_path / "full", tmp_path / "stopped"
+  with open(tmp_path / "full.log", "w") as log:  # the uninterrupted run, alongside
+    reference = subprocess.Popen(_cli(full, sft_dir, data_dir, **SOAK), env=env, stdout=log,
+                                 stderr=log)
+  proc = subprocess.Popen(_cli(stopped, sft_dir, data_dir, **SOAK), env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  metrics, deadline = stopped / "metrics.jsonl", time.time() + 600
+  while not (metrics.exists() and read_metrics(stopped)[-1]["step"] >= 150):
+    assert proc.poll() is None and time.time() < deadline, "the run ended before step 150"
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)  # a preemption: stop at the step boundary, save, exit 0
+  assert proc.wait(timeout=120) == 0
+  stop = read_metrics(stopped)[-1]["step"]
+  assert 150 <= stop < 300 and str(stop) in os.listdir(stopped / "checkpoints")
+  assert reference.wait() == 0, (tmp_path / "full.log").read_text()[-2000:]
+  subprocess.run(_cli(stopped, sft_dir, data_dir, **SOAK), check=True, env=env,
+                 capture_output=True)
+
+  # Every step's row and every evaluation's row once, with and without the stop in the middle.
+  rows = read_metrics(full)
+  steps = [r["step"] for r in rows if "reward" in r]
+  evals = [r["step"] for r in rows if "val_reward" in r]
+  assert steps == list(range(1, 301)) and evals == list(range(10, 301, 10))
+  resumed = read_metrics(stopped)
+  assert [(r["step"], "val_reward" in r) for r in resumed] == [
+      (r["step"], "val_reward" in r) for r in rows]
+  for a, b in zip(rows, resumed):
+    values = [{k: r[k] for k in ("reward", "loss", "val_reward") if k in r} for r in (a, b)]
+    assert values[1] == pytest.approx(values[0], abs=1e-5), a["step"]
+
+  # Per process: no compile after its warm-up, and host memory flat (< 5% growth) after it.
+  by_step = {r["step"]: r for r in rows if "reward" in r}
+  by_step_resumed = {r["step"]: r for r in resumed if "reward" in r}
+  report = []
+  for name, segment in (("full", [by_step[s] for s in range(1, 301)]),
+                        ("resumed", [by_step_resumed[s] for s in range(stop + 1, 301)])):
+    after = segment[WARM_UP:]  # from the row after the warm-up: its evaluation and save included
+    compiles = {r["xla_compiles"] for r in after}
+    rss = [r["host_rss_mb"] for r in segment]
+    start, end = (float(np.median(w)) for w in (rss[WARM_UP:WARM_UP + 10], rss[-10:]))
+    report.append(f"{name}: steps {segment[0]['step']}-{segment[-1]['step']}; XLA compiles "
+                  f"{segment[0]['xla_compiles']} at the first step, {sorted(compiles)} after "
+                  f"the warm-up; host RSS (MiB) {rss[0]:.0f} at the first step, "
+                  f"{rss[WARM_UP - 1]:.0f} at step {segment[WARM_UP - 1]['step']}, "
+                  f"{rss[-1]:.0f} at step 300, median {start:.0f} over the 10 steps after the "
+                  f"warm-up and {end:.0f} over the last 10, max {max(rss[WARM_UP:]):.0f}")
+    assert len(compiles) == 1, report[-1]
+    assert end < 1.05 * start, report[-1]
+  print("\n".join(report))
+
+
 @pytest.mark.slow
 def test_grpo_raises_the_held_out_reward_over_its_sft_init(tmp_path):
   """configs/sft.py:tiny (CoT), then configs/grpo.py:tiny with a business rule in the composite.
@@ -274,6 +338,26 @@ def test_recipe_keys_bad_values_are_config_errors():
       gc[key] = value
     with pytest.raises(ConfigError, match=match):
       check_recipe_keys(gc)
+
+
+def test_grpo_check_config_reports_every_bad_key_before_anything_loads():
+  from recllm_jax.errors import UserErrors
+  from recllm_jax.train.grpo import GrpoTask
+
+  GrpoTask.check_config(grpo_configs.get_config("minionerec"))
+  config = grpo_configs.get_config("tiny")
+  with config.unlocked():
+    config.grpo.rollout = "nope"
+    config.grpo.advantage = "nope"
+    config.grpo.ref_sync_every = 5
+    config.model.lora.rank = 4
+  with pytest.raises(UserErrors) as info:
+    GrpoTask.check_config(config)
+  messages = [str(e) for e in info.value.errors]
+  assert len(messages) == 3, messages
+  assert messages[0].startswith("grpo.rollout='nope'")
+  assert "grpo.advantage" in messages[1] or "'nope'" in messages[1]
+  assert messages[2].startswith("grpo.ref_sync_every=5 with model.lora.rank=4")
 
 
 def test_mix_params_and_sync_steps_by_hand():

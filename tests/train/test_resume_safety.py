@@ -1,5 +1,6 @@
-"""What a resume survives (issue 17, items 3 and 4): a damaged newest checkpoint, a failed write
-(ENOSPC), another process count, and config / data drift. docs/training.md, "What survives what".
+"""What a resume survives (issue 17, items 2 to 4): a kill -9 during a save, a damaged newest
+checkpoint, a failed write (ENOSPC), another process count, and config / data drift.
+docs/training.md, "What survives what".
 """
 
 from __future__ import annotations
@@ -10,13 +11,16 @@ import logging
 import os
 import re
 import shutil
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_loop import data_dir, make_config, read_metrics  # noqa: E402,F401  (the small SFT setup)
+from test_loop import (  # noqa: E402,F401  (the small SFT setup)
+    _cli, _env, data_dir, make_config, read_metrics)
 
 
 # --- Checkpointer level: a tiny state and a Grain iterator (milliseconds per step) ------------
@@ -319,3 +323,60 @@ def test_resume_past_a_damaged_newest_step(trained, tmp_path, data_dir, caplog):
   assert "resuming from checkpoint 1, the newest intact one (damaged: 2)" in caplog.text
   assert "resuming with changed config keys (safe): train.num_steps 2 -> 1" in caplog.text
   assert [r["step"] for r in read_metrics(tmp_path / "w")] == [1]
+
+
+# --- kill -9 during a save, through scripts/train.py -------------------------------------------
+
+# Saves at 3, 6, 9 (due) and 10 (the final, forced one). Each run is killed as the save of one
+# step starts (asynchronous, the default: the temporary directory exists and the state write is
+# in flight), and the next run must resume from the newest complete step:
+# (the save killed, the newest complete step it leaves).
+KILL_RUN = {"train.num_steps": 10, "train.checkpoint_every": 3}
+KILLS = [(6, 3), (9, 6), (10, 9)]
+
+
+@pytest.mark.slow  # ~55 s: five subprocess runs
+def test_kill_during_a_save_resumes_from_the_last_complete_step(tmp_path, data_dir):  # noqa: F811
+  import jax
+  import numpy as np
+  import orbax.checkpoint as ocp
+
+  from recllm_jax.train.build import _checkpoint_step
+  from recllm_jax.train.checkpoint import FAULT_KILL_AT_SAVE, finalized_steps
+
+  ref, killed = tmp_path / "ref", tmp_path / "killed"
+  with open(tmp_path / "reference.log", "w") as log:  # the uninterrupted run, alongside
+    reference = subprocess.Popen(_cli(ref, data_dir, **KILL_RUN), env=_env(), stdout=log,
+                                 stderr=log)
+  checkpoints, resume_from = killed / "checkpoints", None
+  for kill_at, complete in [*KILLS, (None, None)]:
+    env = _env()
+    if kill_at is not None:
+      env[FAULT_KILL_AT_SAVE] = str(kill_at)
+    proc = subprocess.run(_cli(killed, data_dir, **KILL_RUN), env=env, capture_output=True,
+                          text=True)
+    log = proc.stderr
+    assert proc.returncode == (-signal.SIGKILL if kill_at else 0), log[-3000:]
+    assert "Traceback" not in log and "is damaged" not in log, log[-3000:]
+    restored = re.findall(r"restored checkpoint (\d+) from", log)
+    assert restored == ([str(resume_from)] if resume_from else []), log[-3000:]
+    if kill_at is not None:
+      # The partial step is on disk but no reader counts it: the step before is the latest.
+      assert (checkpoints / f"{kill_at}.orbax-checkpoint-tmp").is_dir(), os.listdir(checkpoints)
+      assert finalized_steps(killed)[-1] == _checkpoint_step(killed, None)[1] == complete
+      resume_from = complete
+  assert reference.wait() == 0, (tmp_path / "reference.log").read_text()[-2000:]
+
+  # Each rerun wrote the killed step again over its partial directory: none is left.
+  assert sorted(os.listdir(checkpoints)) == ["10", "6", "9"]  # keep_checkpoints=3
+  assert finalized_steps(killed) == finalized_steps(ref) == [6, 9, 10]
+  # Every step's row once (the rows past each resumed step were dropped, then written again).
+  got, expected = read_metrics(killed), read_metrics(ref)
+  assert [r["step"] for r in got] == [r["step"] for r in expected] == list(range(1, 11))
+  assert [r["loss"] for r in got] == [r["loss"] for r in expected]
+  # The final params, optimizer moments, step and RNG equal the uninterrupted run's, bit for bit.
+  a, b = (jax.tree.leaves(ocp.PyTreeCheckpointer().restore(
+      (w / "checkpoints" / "10" / "state").absolute())) for w in (killed, ref))
+  assert len(a) == len(b) > 0
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
