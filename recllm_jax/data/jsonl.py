@@ -253,6 +253,9 @@ def _interaction_examples(
     targets = _parse_events(row, row.require("targets"), "targets", catalog)
     if not targets.ids:
       raise row.error("field 'targets' must not be empty", field="targets")
+    if not history.ids and min_history > 0:  # dropped silently, it would shrink an evaluation
+      raise row.error("field 'history' is empty: an example needs at least one item the user "
+                      "interacted with (min_history=0 keeps cold-start rows)", field="history")
     timestamps, actions = history.aligned(row, "history")
     example = Example(user_id, tuple(history.ids), tuple(targets.ids), profile, timestamps, actions)
     return [(split, [example])]

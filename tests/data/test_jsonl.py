@@ -120,6 +120,9 @@ def test_unknown_target_id(jsonl_dataset):
     ({"user_id": "u", "history": ["A"], "profile": "x"}, ":1: field 'profile' must be an object, got str"),
     ({"user_id": "u", "history": ["A"], "targets": ["B"], "split": "dev"}, ":1: field 'split' must be one of"),
     ({"user_id": "u", "history": ["A"], "targets": [], "split": "train"}, ":1: field 'targets' must not be empty"),
+    # An empty history in a split row (e.g. a test row scripts/evaluate.py would score) was dropped
+    # without a word by the min_history filter.
+    ({"user_id": "u", "history": [], "targets": ["B"], "split": "test"}, ":1: field 'history' is empty"),
     (
       {"user_id": "u", "history": [{"item_id": "A", "timestamp": 1}, {"item_id": "B"}]},
       ":1: field 'history': 'timestamp' given for some entries but not all",
