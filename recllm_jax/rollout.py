@@ -240,7 +240,7 @@ class ItemRollout:
     if prompts is None:
       prompts = [self.tokenizer.decode(row[mask.astype(bool)], skip_special_tokens=False)
                  for row, mask in zip(np.asarray(input_ids), np.asarray(attention_mask))]
-    texts, parsed = self._read(tokens, lengths, [prompts[r // g] for r in range(len(tokens))])
+    texts, parsed = self.read(tokens, lengths, [prompts[r // g] for r in range(len(tokens))])
     if leaves is not None:
       items = tuple(tuple(i for leaf in row if leaf >= 0 for i in self.trie.catalog_ids(int(leaf)))
                     for row in leaves)
@@ -250,9 +250,10 @@ class ItemRollout:
                         scores=scores.astype(np.float32), ranks=ranks, texts=tuple(texts),
                         parsed=tuple(parsed), items=items)
 
-  def _read(self, tokens: np.ndarray, lengths: np.ndarray, prompts: Sequence[str]
-            ) -> tuple[list[str], list[ParsedCompletion]]:
-    """Decoded completions (EOS removed) and their parses, row by row."""
+  def read(self, tokens: np.ndarray, lengths: np.ndarray, prompts: Sequence[str]
+           ) -> tuple[list[str], list[ParsedCompletion]]:
+    """Decoded completions (EOS removed) and their parses, row by row: `run`'s text step, also
+    for completions written outside it (GRPO's `add_gt` rows)."""
     texts, parsed = [], []
     for row, length, prompt in zip(tokens, lengths, prompts):
       row = row[:length]

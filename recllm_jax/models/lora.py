@@ -73,6 +73,13 @@ def add_lora(model: Qwen2ForCausalLM, rank: int, alpha: float, targets: Any, *, 
   return nnx.merge(graphdef, adapters, nnx.state(model))
 
 
+@functools.lru_cache(maxsize=None)
+def _merger(scale: float, out_sharding: Any):
+  """One jitted `merge_kernel` per (scale, sharding), so that the 7 projections of every layer
+  reuse its compilations (one per kernel shape) instead of compiling each of ~200 kernels."""
+  return jax.jit(functools.partial(merge_kernel, scale=scale), out_shardings=out_sharding)
+
+
 def merge_lora(model: Qwen2ForCausalLM) -> Qwen2ForCausalLM:
   """A model without adapters whose kernels are `W + alpha / rank * A @ B` (computed in fp32,
   stored in the kernel's dtype and sharding); `model` itself when it has none."""
@@ -85,8 +92,7 @@ def merge_lora(model: Qwen2ForCausalLM) -> Qwen2ForCausalLM:
   for path, proj in _projections(model):
     if proj.lora_scale is not None:
       kernel = proj.kernel[...]
-      merge = jax.jit(functools.partial(merge_kernel, scale=proj.lora_scale),
-                      out_shardings=getattr(kernel, "sharding", None))
+      merge = _merger(proj.lora_scale, getattr(kernel, "sharding", None))
       merged[(*path, "kernel")] = merge(kernel, proj.lora_a[...], proj.lora_b[...])
   graphdef = nnx.graphdef(sharding.abstract_module(lambda: Qwen2ForCausalLM(cfg,
                                                                              rngs=nnx.Rngs(0))))

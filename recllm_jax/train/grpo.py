@@ -134,33 +134,27 @@ def training_rows(prompt_ids: np.ndarray, prompt_mask: np.ndarray, rollout: Roll
           "completion_mask": completion_mask.astype(np.float32)}
 
 
-def concat_rollouts(rollouts: Sequence[RolloutBatch]) -> RolloutBatch:
-  """Rollouts of the same G and max_new_tokens, one after the other (row-wise)."""
+def _fieldwise(batches: Sequence[RolloutBatch], on_tuple, on_array) -> RolloutBatch:
+  """A RolloutBatch whose every field combines that field of `batches`: `on_tuple` for the
+  per-row tuples (texts, parses, items), `on_array` for the arrays; None stays None."""
   out = {}
   for f in dataclasses.fields(RolloutBatch):
-    values = [getattr(r, f.name) for r in rollouts]
-    if values[0] is None:
-      out[f.name] = None
-    elif isinstance(values[0], tuple):
-      out[f.name] = tuple(v for value in values for v in value)
-    else:
-      out[f.name] = np.concatenate(values)
+    values = [getattr(b, f.name) for b in batches]
+    out[f.name] = (None if values[0] is None
+                   else on_tuple(values) if isinstance(values[0], tuple) else on_array(values))
   return RolloutBatch(**out)
+
+
+def concat_rollouts(rollouts: Sequence[RolloutBatch]) -> RolloutBatch:
+  """Rollouts of the same G and max_new_tokens, one after the other (row-wise)."""
+  return _fieldwise(rollouts, lambda vs: tuple(v for value in vs for v in value), np.concatenate)
 
 
 def take_rows(rollout: RolloutBatch, rows: Sequence[int]) -> RolloutBatch:
   """The given rows of a rollout, in that order."""
   rows = list(rows)
-  out = {}
-  for f in dataclasses.fields(RolloutBatch):
-    value = getattr(rollout, f.name)
-    if value is None:
-      out[f.name] = None
-    elif isinstance(value, tuple):
-      out[f.name] = tuple(value[r] for r in rows) if value else value
-    else:
-      out[f.name] = value[np.asarray(rows, np.int64)]
-  return RolloutBatch(**out)
+  return _fieldwise([rollout], lambda vs: tuple(vs[0][r] for r in rows) if vs[0] else vs[0],
+                    lambda vs: vs[0][np.asarray(rows, np.int64)])
 
 
 def add_ground_truth(rollout: RolloutBatch, targets: Sequence[Sequence[str]],
@@ -191,7 +185,7 @@ def add_ground_truth(rollout: RolloutBatch, targets: Sequence[Sequence[str]],
     tokens[row] = engine.pad
     tokens[row, :len(seq)] = seq
     lengths[row], truncated[row] = len(seq), False
-    (text,), (parse,) = engine._read(tokens[row:row + 1], lengths[row:row + 1], [prompts[p]])
+    (text,), (parse,) = engine.read(tokens[row:row + 1], lengths[row:row + 1], [prompts[p]])
     texts[row], parsed[row] = text, parse
     items[row] = tuple(engine.trie.catalog_ids(leaf))
     changed += 1

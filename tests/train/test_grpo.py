@@ -360,6 +360,25 @@ def test_grpo_check_config_reports_every_bad_key_before_anything_loads():
   assert messages[2].startswith("grpo.ref_sync_every=5 with model.lora.rank=4")
 
 
+def test_concat_rollouts_and_take_rows_by_hand():
+  from recllm_jax.rollout import RolloutBatch
+  from recllm_jax.train.grpo import concat_rollouts, take_rows
+
+  def batch(start: int, n: int, ranks: bool) -> RolloutBatch:
+    rows = np.arange(start, start + n)
+    return RolloutBatch(tokens=rows[:, None] * np.ones((1, 2), np.int32), lengths=rows,
+                        truncated=rows % 2 == 0, ranks=rows if ranks else None,
+                        texts=tuple(f"t{r}" for r in rows), items=tuple((f"i{r}",) for r in rows))
+
+  both = concat_rollouts([batch(0, 2, True), batch(2, 3, True)])
+  assert both.lengths.tolist() == [0, 1, 2, 3, 4] and both.tokens.shape == (5, 2)
+  assert both.texts == ("t0", "t1", "t2", "t3", "t4") and both.scores is None
+  picked = take_rows(both, [4, 1, 1])
+  assert picked.ranks.tolist() == [4, 1, 1] and picked.truncated.tolist() == [True, False, False]
+  assert picked.items == (("i4",), ("i1",), ("i1",)) and picked.parsed == ()
+  assert take_rows(batch(0, 3, False), [2]).ranks is None
+
+
 def test_mix_params_and_sync_steps_by_hand():
   from recllm_jax.train.grpo import mix_params, ref_sync_due
 
