@@ -20,13 +20,14 @@ from recllm_jax.rec.baselines.sasrec import SASRecConfig
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.workdir = "/tmp/recllm_baselines"  # results go to <workdir>/baselines_<split>.json
-  c.seed = 0  # SASRec init, shuffling and dropout; synthetic data generation
+  c.seed = 0  # SASRec init, shuffling and dropout
   c.baselines = "popularity,markov,sasrec"
   c.ks = (1, 3, 5, 10, 20)
 
   c.data = ml_collections.ConfigDict()
   c.data.dir = ""  # empty with format=synthetic: generated into <workdir>/data
   c.data.format = "auto"  # auto | jsonl | amazon18 | synthetic
+  c.data.synthetic_seed = 0  # synthetic: the generator's seed, as in configs/sft.py
   c.data.on_bad_data = "error"  # error | skip
   # amazon18's valid split, as in configs/sft.py: compare baselines with a model on the same rows.
   c.data.valid_fraction = 0.1

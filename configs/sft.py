@@ -73,6 +73,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.dir = ""
   c.data.format = "auto"  # auto | jsonl | amazon18 | synthetic
+  # synthetic: the generator's seed. Not `seed`: runs over several seeds share one dataset (and a
+  # shared data folder is never regenerated under another run).
+  c.data.synthetic_seed = 0
   c.data.on_bad_data = "error"  # error | skip
   # amazon18: the fraction of users whose last valid.csv row is held out as the valid split.
   c.data.valid_fraction = 0.1

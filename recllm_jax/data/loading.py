@@ -118,13 +118,14 @@ def data_dir(config: Any, workdir: str | os.PathLike[str]) -> Path:
 
 
 def load_run_data(config: Any, workdir: str | os.PathLike[str]) -> tuple[RecDataset, ItemCodec]:
-  """The dataset of a run config (`data.*`, `seed`) and its item codec (`data.item_format`).
+  """The dataset of a run config (`data.*`) and its item codec (`data.item_format`).
 
-  Configs written before `data.item_format` existed mean titles.
+  Configs written before `data.item_format` existed mean titles; before `data.synthetic_seed`,
+  synthetic data came from the run's `seed`.
   """
   root = data_dir(config, workdir)
   dataset = load_dataset(root, config.data.format, on_bad_data=config.data.on_bad_data,
                          valid_fraction=config.data.get("valid_fraction", 0.1),
                          valid_holdout=config.data.get("valid_holdout", "last_row"),
-                         seed=config.seed)
+                         seed=config.data.get("synthetic_seed", config.get("seed", 0)))
   return dataset, make_codec(config.data.get("item_format", "title"), dataset.catalog, root)

@@ -76,3 +76,24 @@ def test_synthetic_data_dir_must_exist_or_sit_under_the_workdir(tmp_path):
   # Another format's folder is checked where it is read, not here.
   other = ConfigDict({"data": {"dir": str(tmp_path / "typo"), "format": "jsonl"}})
   assert data_dir(other, workdir) == tmp_path / "typo"
+
+
+def test_runs_over_seeds_share_one_synthetic_dataset(tmp_path):
+  """`seed` is the run's (init, data order); the data come from `data.synthetic_seed`, so a study
+  over seeds neither changes nor regenerates a shared folder (it once wiped sids.tsv there)."""
+  from ml_collections import ConfigDict
+
+  from recllm_jax.data.loading import load_run_data
+
+  def config(seed: int, synthetic_seed: int = 0) -> ConfigDict:
+    return ConfigDict({"seed": seed, "data": {
+        "dir": str(tmp_path / "data"), "format": "synthetic", "on_bad_data": "error",
+        "synthetic_seed": synthetic_seed, "item_format": "title"}})
+
+  (tmp_path / "data").mkdir()  # a shared cache folder, made by the user
+  first, _ = load_run_data(config(0), tmp_path / "run0")
+  (tmp_path / "data" / "sids.tsv").write_text("kept\n")  # a file built beside the data
+  second, _ = load_run_data(config(1), tmp_path / "run1")
+  assert second.train == first.train and (tmp_path / "data" / "sids.tsv").exists()
+  other, _ = load_run_data(config(0, synthetic_seed=3), tmp_path / "run2")
+  assert other.train != first.train  # the generator's seed does change the data
