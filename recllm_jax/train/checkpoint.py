@@ -94,6 +94,11 @@ def _disk(directory: Any) -> str:
   return f"disk of {directory}: {usage.free / gib:.2f} GiB free of {usage.total / gib:.2f} GiB"
 
 
+def _abstract(tree: Any) -> Any:
+  """Shapes, dtypes and shardings of `tree`'s arrays: what Orbax restores into."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
 class Checkpointer:
   """Keeps the last `keep` checkpoints; `save` every `every` steps (0: only when forced)."""
 
@@ -188,10 +193,7 @@ class Checkpointer:
     damaged: list[tuple[int, str]] = []
     for step in steps:
       try:
-        state = self.restore(step, abstract_state, data_iterator)
-        extra = None
-        if abstract_extra is not None:
-          extra = self.restore_extra(step, abstract_extra)
+        state, extra = self._restore(step, abstract_state, data_iterator, abstract_extra)
       except UserError:
         raise
       except Exception as e:  # noqa: BLE001  (any failure to read a step means it is damaged)
@@ -232,14 +234,20 @@ class Checkpointer:
               data_iterator: grain.DatasetIterator) -> Any:
     """Restores `step` into `abstract_state`'s shapes/shardings and rewinds `data_iterator`
     (re-sharding its state when the step was saved by another number of processes)."""
+    return self._restore(step, abstract_state, data_iterator, None)[0]
+
+  def _restore(self, step: int, abstract_state: Any, data_iterator: grain.DatasetIterator,
+               abstract_extra: Any) -> tuple[Any, Any]:
+    """`restore`, plus the task's own state saved with `step` (restored into `abstract_extra`;
+    None when not asked for or not saved), all in one Orbax call."""
     self._check_metadata(step)
     data_state = self._resharded_data_state(step)
     on_disk, frozen = self._on_disk(abstract_state)
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), on_disk)
-    items = {"state": ocp.args.StandardRestore(abstract)}
+    items = {"state": ocp.args.StandardRestore(_abstract(on_disk))}
     if data_state is None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    if abstract_extra is not None and (self.directory / str(step) / TASK_ITEM).exists():
+      items[TASK_ITEM] = ocp.args.StandardRestore(_abstract(abstract_extra))
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     if data_state is not None:
       data_iterator.set_state(data_state)
@@ -247,7 +255,7 @@ class Checkpointer:
     state = restored["state"]
     if frozen is not None:  # the frozen base comes from `abstract_state` (rebuilt from config)
       state = state.replace(params=nnx.merge_state(state.params, frozen))
-    return state
+    return state, restored[TASK_ITEM] if TASK_ITEM in items else None
 
   def _on_disk(self, state: Any) -> tuple[Any, Any]:
     """(what is saved of the train state, the params that are not: None when all are)."""
@@ -302,17 +310,6 @@ class Checkpointer:
             f"checkpoint {self.directory / str(step)} was saved with {key}={saved.get(key)!r} "
             f"but this run has {key}={self.metadata.get(key)!r}; resume with the config it was "
             "trained with (model.lora.*, init_from, model.hf_path, model.preset, seed)")
-
-  def restore_extra(self, step: int, abstract_extra: Any) -> Any | None:
-    """The task's own state saved with `step` (restored into `abstract_extra`'s shapes and
-    shardings), or None when that checkpoint has none."""
-    if not (self.directory / str(step) / TASK_ITEM).exists():
-      return None
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), abstract_extra)
-    restored = self._manager.restore(
-        step, args=ocp.args.Composite(**{TASK_ITEM: ocp.args.StandardRestore(abstract)}))
-    return restored[TASK_ITEM]
 
   def wait(self) -> None:
     """Blocks until pending async saves are on disk."""
