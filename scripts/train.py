@@ -98,11 +98,11 @@ def help_text(flag_values: flags.FlagValues = flags.FLAGS) -> str:
       default = "" if flag.default is None else f" (default: {flag.default_as_str})"
       lines.append(f"  --{flag.name}: {_one_line(flag.help)}{default}")
   lines += ["", "Presets (--config FILE:PRESET; FILE alone is the default preset):"]
-  for path in sorted(CONFIGS_DIR.glob("*.py")):
-    presets = config_presets(path)
-    width = max((len(name) for name, _ in presets), default=0)
-    for name, summary in presets or [("", "(no presets)")]:
-      lines.append(f"  configs/{path.name}:{name.ljust(width)}  {summary}")
+  rows = [(f"configs/{path.name}" + (f":{name}" if name else ""), summary)
+          for path in sorted(CONFIGS_DIR.glob("*.py"))
+          for name, summary in config_presets(path) or [("", "(no presets)")]]
+  width = max(len(spec) for spec, _ in rows)
+  lines += [f"  {spec.ljust(width)}  {summary}" for spec, summary in rows]
   lines += ["", "Every config key, with its value: add --print_config. Override any key with "
             "--config.<key>=<value>", "(nested keys with dots: --config.train.lr=1e-3)."]
   return "\n".join(lines)
