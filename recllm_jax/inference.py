@@ -287,9 +287,10 @@ def recommend(model: Any, tokenizer: Any, examples: Sequence[Any], catalog: Any,
   g = k if mode == "beam" else (num_samples or k)
   key = jax.random.key(rng) if isinstance(rng, int) else rng
 
-  from tqdm.auto import tqdm
+  from recllm_jax import progress as progress_bars
 
-  bar = tqdm(total=len(examples), unit="ex", desc=f"recommend ({mode})", disable=not progress)
+  bar = progress_bars.bar(total=len(examples), unit="ex", desc=f"recommend ({mode})",
+                          disable=not progress)
   results = Recommendations()
   with jax.set_mesh(mesh):
     for b, rows in enumerate(batch_rows(len(examples), batch_size,

@@ -212,9 +212,10 @@ class MetricsWriter:
 
 def progress_bar(total: int, initial: int):
   """A tqdm bar (loss, tokens/s, ETA) on process 0; a no-op elsewhere."""
-  from tqdm.auto import tqdm
-  return tqdm(total=total, initial=initial, disable=jax.process_index() != 0,
-              dynamic_ncols=True, desc="train")
+  from recllm_jax import progress
+
+  return progress.bar(total=total, initial=initial, disable=jax.process_index() != 0,
+                      dynamic_ncols=True, desc="train")
 
 
 __all__ = ["MetricsWriter", "PEAK_FLOPS_BF16", "Throughput", "count_compiles", "flops_per_token",

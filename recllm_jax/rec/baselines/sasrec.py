@@ -32,10 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from tqdm.auto import tqdm
 
 from recllm_jax.data import Catalog, Example
 from recllm_jax.errors import ConfigError
+from recllm_jax.progress import bar as progress_bar
 
 __all__ = ["SASRec", "SASRecConfig", "SASRecRecommender", "encode_histories"]
 
@@ -208,7 +208,8 @@ class SASRecRecommender:
     key = jax.random.key(cfg.seed)
     best = (-1.0, 0, params)  # (valid NDCG, epoch, params)
     log: list[dict[str, float]] = []
-    bar = tqdm(range(1, cfg.max_epochs + 1), desc="sasrec", unit="epoch", disable=not progress)
+    bar = progress_bar(range(1, cfg.max_epochs + 1), desc="sasrec", unit="epoch",
+                       disable=not progress)
     for epoch in bar:
       order = rng.permutation(len(targets))
       losses = []
