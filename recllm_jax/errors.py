@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeVar
 
-__all__ = ["ConfigError", "MissingPathError", "UserError", "UserErrors", "raise_error"]
+__all__ = ["ConfigError", "MissingPathError", "UserError", "UserErrors"]
 
 T = TypeVar("T")
 
@@ -28,16 +28,11 @@ class MissingPathError(UserError, FileNotFoundError):
   """A path named by a config key does not exist."""
 
 
-def raise_error(error: Exception) -> None:
-  """`raise error`, as a call: for `UserErrors.attempt(raise_error, SomeError(...))`."""
-  raise error
-
-
 class UserErrors(UserError):
   """Several independent user errors found in one pass, so that one run shows them all.
 
   `errors` holds them in the order found; `str()` has one per line. Collect them with
-  `attempt` and end with `raise_found`:
+  `attempt` (a check that may raise) or `add` (an error found inline), end with `raise_found`:
 
       found = UserErrors()
       mesh = found.attempt(make_mesh, config)   # None when it failed
@@ -58,13 +53,14 @@ class UserErrors(UserError):
       return check(*args, **kwargs)
     except UserErrors as e:
       for error in e.errors:
-        self._add(error)
+        self.add(error)
     except UserError as e:
-      self._add(e)
+      self.add(e)
     return None
 
-  def _add(self, error: UserError) -> None:
-    if str(error) not in {str(e) for e in self.errors}:  # two checks may share a sub-check
+  def add(self, error: UserError) -> None:
+    """Keeps `error` (once: two checks may share a sub-check)."""
+    if str(error) not in {str(e) for e in self.errors}:
       self.errors.append(error)
 
   def raise_found(self) -> None:

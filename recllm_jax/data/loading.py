@@ -17,7 +17,6 @@ from typing import Any
 
 from recllm_jax.data.amazon18 import ITEMS_FILE, TEST_FILE, VALID_FILE, read_amazon18
 from recllm_jax.data.errors import DataError
-from recllm_jax.errors import MissingPathError
 from recllm_jax.data.items import ItemCodec, make_codec
 from recllm_jax.data.jsonl import read_jsonl
 from recllm_jax.data.schema import (
@@ -28,6 +27,7 @@ from recllm_jax.data.schema import (
   RecDataset,
 )
 from recllm_jax.data.synthetic import ensure_synthetic
+from recllm_jax.errors import MissingPathError
 
 __all__ = ["FORMATS", "data_dir", "detect_format", "load_dataset", "load_run_data"]
 
@@ -101,8 +101,8 @@ def _check_synthetic_dir(root: Path, workdir: Path) -> None:
       f"data.dir={str(root)!r} does not exist. data.format='synthetic' generates the offline "
       f"demo data, and only into a folder that exists or one under the workdir (leave data.dir "
       f"empty for {workdir / 'data'}). For your own data, fix the path and set data.format to "
-      "jsonl (JSONL or Parquet files), amazon18 or auto (docs/data.md); for a new synthetic cache, create the folder "
-      "first")
+      "jsonl (JSONL or Parquet files), amazon18 or auto (docs/data.md); for a new synthetic "
+      "cache, create the folder first")
 
 
 def data_dir(config: Any, workdir: str | os.PathLike[str]) -> Path:

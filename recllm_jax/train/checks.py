@@ -15,7 +15,7 @@ import ml_collections
 
 from recllm_jax import paths, sharding
 from recllm_jax.data.loading import data_dir
-from recllm_jax.errors import ConfigError, MissingPathError, UserErrors, raise_error
+from recllm_jax.errors import ConfigError, MissingPathError, UserErrors
 from recllm_jax.models import fused_attention
 from recllm_jax.models.config import dtype_from_name, resolve_attention
 from recllm_jax.train import build
@@ -110,12 +110,12 @@ def check_paths(config: ml_collections.ConfigDict) -> None:
   found = UserErrors()
   found.attempt(build.check_model_path, config)
   if config.model.tokenizer_path and not Path(config.model.tokenizer_path).exists():
-    found.attempt(raise_error, MissingPathError(
+    found.add(MissingPathError(
         f"model.tokenizer_path={config.model.tokenizer_path!r} does not exist"))
   if config.data.dir:
     root = found.attempt(data_dir, config, config.workdir)
     if root is not None and config.data.format != "synthetic" and not root.is_dir():
-      found.attempt(raise_error, MissingPathError(
+      found.add(MissingPathError(
           f"data.dir={config.data.dir!r} is not a directory (data.format={config.data.format!r})"))
   found.raise_found()
 
@@ -129,7 +129,7 @@ def check_config(config: ml_collections.ConfigDict,
   found = UserErrors()
   found.attempt(check_every_keys, config)
   if config.train.grad_accum_steps < 1:
-    found.attempt(raise_error, ConfigError(
+    found.add(ConfigError(
         f"train.grad_accum_steps={config.train.grad_accum_steps} must be >= 1"))
   found.attempt(build.check_model_choice, config)
   found.attempt(build.lora_settings, config)

@@ -62,7 +62,7 @@ from recllm_jax import distributed, paths
 from recllm_jax.rollout import (ItemRollout, RolloutBatch, collate_prompts, normalize_mode,
                                 render_prompt)
 from recllm_jax.data import pipeline
-from recllm_jax.errors import ConfigError, UserErrors, raise_error
+from recllm_jax.errors import ConfigError, UserErrors
 from recllm_jax.train import advantages as adv_lib
 from recllm_jax.train import metrics as metrics_lib
 from recllm_jax.train import logprobs as logprobs_lib
@@ -280,13 +280,13 @@ class GrpoTask:
     gc = config.grpo
     found = UserErrors()
     if gc.rollout not in ROLLOUTS:
-      found.attempt(raise_error, ConfigError(f"grpo.rollout={gc.rollout!r}; expected one of {ROLLOUTS}"))
+      found.add(ConfigError(f"grpo.rollout={gc.rollout!r}; expected one of {ROLLOUTS}"))
     found.attempt(check_recipe_keys, gc)
     found.attempt(adv_lib.get_advantage_fn, gc.advantage)
     found.attempt(policy_loss.get_loss_aggregation, gc.loss_type)
     lora = found.attempt(build.lora_settings, config)
     if lora and gc.beta > 0 and int(gc.ref_sync_every):
-      found.attempt(raise_error, ConfigError(
+      found.add(ConfigError(
           f"grpo.ref_sync_every={gc.ref_sync_every} with model.lora.rank={lora['rank']}: a LoRA "
           "run's reference is its frozen base (adapters off), which cannot follow the policy; "
           "set grpo.ref_sync_every=0 or model.lora.rank=0"))
