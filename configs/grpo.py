@@ -76,6 +76,10 @@ def grpo_base() -> ml_collections.ConfigDict:
   # MiniOneRec's add_gt (off in its rl.sh): in a beam group without the target, the lowest-
   # ranked beam (rank G-1) is replaced by the target item. beam rollouts only.
   g.add_gt = False
+  # An SFT term in the loss: sft_coef * the negative log-likelihood of the rows that answer the
+  # target (the hits; with add_gt every beam group has one), aggregated like the policy loss.
+  # It anchors the policy to the targets while the rank penalty pushes wrong beams down.
+  g.sft_coef = 0.0
 
   # Composite reward: weight per registered reward (recllm_jax.rec.rewards); 0 disables one.
   r = c.rewards = ml_collections.ConfigDict()

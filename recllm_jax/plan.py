@@ -236,7 +236,7 @@ def state_bytes(cfg: Qwen2Config, optimizer: Any, mesh: AbstractMesh) -> tuple[i
   state = abstract_train_state(cfg, optimizer)
   placed = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         params, sharding.logical_shardings(params, mesh))
-  layout = optim._shardings_following_params(state, placed)  # what init_train_state uses
+  layout = optim.state_shardings_following_params(state, placed)  # what init_train_state uses
   if layout is None:  # one device: nothing is split
     layout = jax.tree.map(lambda _: NamedSharding(mesh, jax.sharding.PartitionSpec()), state)
   sizes = jax.tree.map(shard_bytes, state, layout)

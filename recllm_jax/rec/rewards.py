@@ -65,6 +65,7 @@ __all__ = [
   "RewardContext",
   "RewardFn",
   "Sample",
+  "answers_target",
   "build_samples",
   "composite_rewards",
   "hit_at_k",
@@ -525,7 +526,12 @@ def rule_reward(sample: Sample, ctx: RewardContext) -> float:
   Equal to ``hit`` for one-item answers (every ``beam`` completion); an answer
   listing several items scores 0 even when one of them is the target.
   """
-  return 1.0 if sample.scorable and _exact_hit(sample.item_ids, sample.example.targets) else 0.0
+  return 1.0 if answers_target(sample) else 0.0
+
+
+def answers_target(sample: Sample) -> bool:
+  """Whether the sample's answer is exactly the target item (what `rule` rewards)."""
+  return sample.scorable and _exact_hit(sample.item_ids, sample.example.targets)
 
 
 @register("ndcg_rule")

@@ -84,6 +84,8 @@ def check_recipe_keys(gc: ml_collections.ConfigDict) -> None:
   if int(gc.dynamic_sampling_max_rounds) < 0:
     raise ConfigError(f"grpo.dynamic_sampling_max_rounds={gc.dynamic_sampling_max_rounds} "
                       "must be >= 0 (extra rollout rounds per step)")
+  if float(gc.sft_coef) < 0:
+    raise ConfigError(f"grpo.sft_coef={gc.sft_coef} must be >= 0 (0 = no SFT term)")
   if gc.add_gt and gc.rollout != "beam":
     raise ConfigError(f"grpo.add_gt=True needs grpo.rollout='beam' (it replaces the lowest-"
                       f"ranked beam with the target item), got grpo.rollout={gc.rollout!r}")
@@ -230,7 +232,8 @@ def grpo_loss_fn(model: Any, batch: Mapping[str, jax.Array], rng: jax.Array, *,
       mask, loss_type=gc.loss_type, epsilon_low=float(gc.epsilon_low),
       epsilon_high=float(gc.epsilon_high), beta=float(gc.beta),
       max_completion_length=gc.max_new_tokens, entropy=entropy,
-      entropy_coef=float(gc.entropy_coef))
+      entropy_coef=float(gc.entropy_coef), sft_rows=batch.get("sft_rows"),
+      sft_coef=float(gc.sft_coef))
 
 
 def make_logprob_fn(graphdef: Any, *, temperature: float, logits_chunk_size: int,
@@ -535,6 +538,9 @@ class GrpoTask:
     if gc.mask_truncated_completions:
       rows["completion_mask"] = rows["completion_mask"] * ~rollout.truncated[:, None]
     rows["advantages"] = np.asarray(advantages, np.float32)
+    if gc.sft_coef:
+      from recllm_jax.rec.rewards import answers_target
+      rows["sft_rows"] = np.asarray([answers_target(s) for s in samples], np.float32)
     rows = pipeline.host_to_global(rows, run.mesh)  # every process holds all rows
     with jax.set_mesh(run.mesh):
       if self.updates_per_step > 1:

@@ -62,7 +62,7 @@ class MasterParamsState(NamedTuple):
   """`with_master_params` state: the high-precision copy of the params and the inner state.
 
   `master` has the params' tree paths (under `.master`), so its shardings follow the params
-  like the optimizer moments do (`_shardings_following_params`).
+  like the optimizer moments do (`state_shardings_following_params`).
   """
 
   master: Any
@@ -124,8 +124,8 @@ def make_optimizer(schedule: optax.Schedule, *, weight_decay: float, max_grad_no
   return optimizer
 
 
-def _shardings_following_params(abstract_state: TrainState,
-                                params: nnx.State) -> TrainState | None:
+def state_shardings_following_params(abstract_state: TrainState,
+                                     params: nnx.State) -> TrainState | None:
   """Shardings for the train state: optimizer moments follow their parameter, scalars replicate.
 
   `optimizer.init` builds moments with `zeros_like`, which XLA would otherwise leave
@@ -176,7 +176,7 @@ def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation,
                       opt_state=optimizer.init(split_trainable(p, wrt)[0]),
                       rng=jax.random.key_data(jax.random.key(seed)))
 
-  shardings = _shardings_following_params(jax.eval_shape(init, params), params)
+  shardings = state_shardings_following_params(jax.eval_shape(init, params), params)
   return graphdef, jax.jit(init, out_shardings=shardings)(params)
 
 

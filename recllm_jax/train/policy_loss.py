@@ -4,10 +4,12 @@ Per completion token t of row i (A_i the row's advantage, r = exp(logp - old_log
 
     surrogate = min(r * A_i, clip(r, 1 - epsilon_low, 1 + epsilon_high) * A_i)
     kl        = exp(ref - logp) - (ref - logp) - 1         (k3 estimator, >= 0; Schulman 2020)
-    l_it      = -surrogate + beta * kl - entropy_coef * entropy
+    l_it      = -surrogate + beta * kl - entropy_coef * entropy - sft_coef * s_i * logp_it
 
 The kl term is skipped when beta == 0 or `ref_logp` is None, the entropy term when
-`entropy` is None or entropy_coef == 0. With `old_logp=None` the old policy is the current one
+`entropy` is None or entropy_coef == 0, the SFT term (s_i = 1 on rows that answer the target,
+else 0: a negative log-likelihood on the hits, RAFT-style self-imitation) when `sft_rows` is
+None or sft_coef == 0. With `old_logp=None` the old policy is the current one
 under `stop_gradient` (one update per rollout: r == 1, gradient A * dlogp).
 
 Aggregation (`loss_type`, TRL GRPOTrainer definitions; m the completion mask, n_i = sum_t m_it,
@@ -38,6 +40,8 @@ token means (TRL logs the mean of per-step means):
   with A > 0 / either (TRL's is_low_clipped, is_high_clipped, is_region_clipped). Tokens
   outside the interval on the other side keep the unclipped branch and are not counted.
 * `ratio`: mean r; `ratio_dev`: mean |r - 1|; `entropy`: mean entropy (when `entropy` is given).
+* `sft_loss`: the SFT term's own value, sft_coef * -logp on the `sft_rows`, aggregated like the
+  loss (when `sft_rows` is given).
 """
 
 from __future__ import annotations
@@ -112,14 +116,16 @@ def policy_loss_terms(logp: jax.Array, old_logp: jax.Array | None, ref_logp: jax
                       epsilon_low: float, epsilon_high: float, beta: float,
                       max_completion_length: int | None = None,
                       entropy: jax.Array | None = None, entropy_coef: float = 0.0,
-                      truncated: jax.Array | None = None
+                      truncated: jax.Array | None = None, sft_rows: jax.Array | None = None,
+                      sft_coef: float = 0.0
                       ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
   """(loss_sum, weight, aux_sums) of the GRPO objective (module docstring has the formulas).
 
   logp [N, T] (differentiable), old_logp / ref_logp [N, T] or None, advantages [N], mask [N, T]
   (1 on completion tokens), entropy [N, T] or None. `truncated` [N] bool or None: rows flagged
-  are dropped from loss and metrics entirely (TRL mask_truncated_completions). `beta`,
-  `entropy_coef` and the epsilons are Python floats (they pick the terms at trace time).
+  are dropped from loss and metrics entirely (TRL mask_truncated_completions). `sft_rows` [N]
+  or None: 1 on the rows the SFT term trains. `beta`, `entropy_coef`, `sft_coef` and the
+  epsilons are Python floats (they pick the terms at trace time).
   Values at masked positions never reach the loss or its gradient, even if they are inf/nan.
   """
   aggregate = get_loss_aggregation(loss_type)
@@ -129,6 +135,8 @@ def policy_loss_terms(logp: jax.Array, old_logp: jax.Array | None, ref_logp: jax
     if truncated.shape != logp.shape[:1]:
       raise ValueError(f"truncated must be [N]={logp.shape[:1]}, got {truncated.shape}")
     live = live & ~truncated.astype(bool)[:, None]
+  if sft_rows is not None and sft_rows.shape != logp.shape[:1]:
+    raise ValueError(f"sft_rows must be [N]={logp.shape[:1]}, got {sft_rows.shape}")
   m = live.astype(jnp.float32)  # [N, T]
 
   # Padding may hold -inf/nan log-probs; zero them before any arithmetic so that neither the
@@ -153,6 +161,11 @@ def policy_loss_terms(logp: jax.Array, old_logp: jax.Array | None, ref_logp: jax
     entropy = clean(entropy)
     if entropy_coef != 0.0:
       per_token = per_token - entropy_coef * entropy
+  sft = None
+  if sft_rows is not None:
+    sft = -sft_coef * logp * sft_rows.astype(jnp.float32)[:, None]  # [N, T], 0 off the mask
+    if sft_coef != 0.0:
+      per_token = per_token + sft
 
   loss_sum, weight = aggregate(per_token, m, max_completion_length)
   tokens = jnp.maximum(jnp.sum(m), 1.0)
@@ -176,6 +189,8 @@ def policy_loss_terms(logp: jax.Array, old_logp: jax.Array | None, ref_logp: jax
     aux["kl"] = token_mean(kl)
   if entropy is not None:
     aux["entropy"] = token_mean(entropy)
+  if sft is not None:
+    aux["sft_loss"] = jax.lax.stop_gradient(aggregate(sft, m, max_completion_length)[0])
   return loss_sum, weight, aux
 
 

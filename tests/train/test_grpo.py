@@ -332,6 +332,7 @@ def test_recipe_keys_bad_values_are_config_errors():
                             ("ref_sync_alpha", 0.0, "grpo.ref_sync_alpha"),
                             ("ref_sync_alpha", 1.5, "grpo.ref_sync_alpha"),
                             ("dynamic_sampling_max_rounds", -1, "grpo.dynamic_sampling_max_rounds"),
+                            ("sft_coef", -0.5, "grpo.sft_coef"),
                             ("add_gt", True, "grpo.add_gt")]:
     gc = grpo_configs.get_config("tiny").grpo  # cot rollout: add_gt needs beam
     with gc.unlocked():
@@ -483,3 +484,22 @@ def test_dynamic_sampling_refills_with_groups_that_carry_signal(beam_task, monke
   assert trained == [drawn[i] for i in adv_lib.select_groups(signal, size)]
   assert metrics["dynamic/groups_kept"] == min(size, sum(signal))
   assert metrics["frac_zero_std"] == pytest.approx(1 - min(size, sum(signal)) / size)
+
+
+@pytest.mark.slow
+def test_sft_coef_trains_the_target_rows_of_an_add_gt_step(beam_task):
+  """With add_gt every group holds the target, so the SFT term sees one row per prompt: its
+  logged value is sft_coef * that row's mean NLL / G averaged over prompts, and it is > 0."""
+  task, state = beam_task
+  g = task.gc.num_generations
+  with task.gc.unlocked():
+    task.gc.add_gt, task.gc.sft_coef = True, 2.0
+  try:
+    _, metrics, _ = task.step(state, next(task.train_iterator()))
+  finally:
+    with task.gc.unlocked():
+      task.gc.add_gt, task.gc.sft_coef = False, 0.0
+  # Each target row's NLL is -log p of a SID + EOS: positive, and at most the whole 2 * NLL / G
+  # budget of one row per group (rows = prompts x G, the grpo mean over rows).
+  assert 0.0 < metrics["sft_loss"] < 2.0 * 50.0 / g
+  assert metrics["reward/rule"] >= 1.0 / g - 1e-6  # one target row per group at least

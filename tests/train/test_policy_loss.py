@@ -221,3 +221,32 @@ def test_jit_and_clear_errors():
     _terms(logp, old, ref, adv[:3], mask)
   with pytest.raises(ValueError, match="ref_logp has shape"):
     _terms(logp, old, ref[:, :4], adv, mask)
+
+
+def test_sft_term_is_the_nll_of_the_target_rows():
+  """grpo aggregation, hand-computed: rows 0 and 2 answer the target; the SFT term adds
+  coef * (mean -logp over each such row's tokens) / N to the loss, and its gradient is
+  -coef / (row tokens * N) on exactly those rows' live tokens."""
+  logp, old, ref, adv, mask = _inputs(0.3)
+  sft_rows = np.array([1.0, 0.0, 1.0, 0.0], np.float32)
+  kw = dict(loss_type="grpo", beta=0.04)
+  base, _ = reference(logp, old, ref, adv, mask, **kw)
+  counts = np.maximum(mask.sum(1), 1)
+  nll = sum(-(logp[i] * mask[i]).sum() / counts[i] for i in (0, 2)) / 4
+  s, w, aux = _terms(logp, old, ref, adv, mask, sft_rows=sft_rows, sft_coef=0.5, **kw)
+  assert float(s / w) == pytest.approx(base + 0.5 * nll, rel=1e-5)
+  assert float(aux["sft_loss"] / w) == pytest.approx(0.5 * nll, rel=1e-5)
+
+  def sft_only(lp):
+    with_sft = _terms(lp, old, ref, adv, mask, sft_rows=sft_rows, sft_coef=0.5, **kw)
+    without = _terms(lp, old, ref, adv, mask, **kw)
+    return (with_sft[0] - without[0]) / with_sft[1]
+
+  grad = np.asarray(jax.grad(sft_only)(jnp.asarray(logp, jnp.float32)))
+  np.testing.assert_allclose(grad, -0.5 * sft_rows[:, None] * mask / counts[:, None] / 4,
+                             rtol=1e-5, atol=1e-7)
+  # Given but weighted 0: reported, not trained.
+  s0, _, aux0 = _terms(logp, old, ref, adv, mask, sft_rows=sft_rows, sft_coef=0.0, **kw)
+  assert float(s0 / w) == pytest.approx(base, rel=1e-5) and float(aux0["sft_loss"]) == 0.0
+  with pytest.raises(ValueError, match="sft_rows must be"):
+    _terms(logp, old, ref, adv, mask, sft_rows=sft_rows[:3], sft_coef=0.5, **kw)
