@@ -206,11 +206,12 @@ def office(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.data.user_sequences = True
   c.model.tokenizer_vocab_size = 1024  # the prompt wording; the SID codes are added tokens
   # Without dropout the model overfits after ~8 epochs; dropout 0.1 and a 600-step cosine
-  # schedule won the sweep on the valid rows (docs/results.md).
+  # schedule won the sweep on the valid rows, and lr 1.5e-3 beat 3e-3 over 3 seeds on whole
+  # held-out users (docs/results.md).
   c.model.dropout = 0.1
   c.train.num_steps = 600
   c.train.batch_size = 32
-  c.train.lr = 3e-3
+  c.train.lr = 1.5e-3
   c.train.warmup_steps = 50
   c.train.eval_every = 200
   c.train.eval_batches = 8

@@ -35,6 +35,7 @@
 #   K            list length and beams (default 20; metrics at 1,3,5,10,20 <= K)
 #   FORMAT       data.format (default amazon18; scripts/demo.sh sets synthetic)
 #   SFT_STEPS    SFT train.num_steps (default: the preset's, 600 for sid, 300 for title)
+#   SFT_LR       SFT train.lr (default: the preset's, 1.5e-3 for sid, 3e-3 for title)
 #   GRPO_STEPS   GRPO train.num_steps (default: the preset's, 40 for sid, 30 for title)
 #   GRPO_PRESET  configs/grpo.py preset of the sid GRPO stage: minionerec (default) | office
 #   CF_MODEL     CF prior of the CF-guided rows: mix (default) | markov | sasrec
@@ -110,7 +111,7 @@ stage() {
 }
 
 DATA=("--config.data.format=$FORMAT" "--config.data.dir=$DATA_DIR" "${EXTRA[@]}")
-SFT_TRAIN=(${SFT_STEPS:+"--config.train.num_steps=$SFT_STEPS"})
+SFT_TRAIN=(${SFT_STEPS:+"--config.train.num_steps=$SFT_STEPS"} ${SFT_LR:+"--config.train.lr=$SFT_LR"})
 GRPO_TRAIN=(${GRPO_STEPS:+"--config.train.num_steps=$GRPO_STEPS"})
 
 if [[ "$ITEM_FORMAT" == sid ]]; then
