@@ -19,6 +19,8 @@
 #                rate the synthetic pipeline was measured with, docs/results.md; the office
 #                preset's 1.5e-3 was chosen for its 600 steps on Office)
 #   GRPO_STEPS   GRPO steps (default here 20 for sid, half the office preset's 40)
+#   GRPO_LR      GRPO learning rate (default here 1e-4 for sid, the rate the synthetic pipeline
+#                was measured with; minionerec's 3e-5 was chosen for the lr 1.5e-3 Office SFT)
 #   CF_MODEL     CF prior of the CF-guided rows (default here markov: no SASRec needed)
 set -euo pipefail
 
@@ -26,7 +28,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 OUT="${1:-workdirs/demo}"
 if [[ "${ITEM_FORMAT:-sid}" == sid ]]; then
-  export SFT_STEPS="${SFT_STEPS:-300}" SFT_LR="${SFT_LR:-3e-3}" GRPO_STEPS="${GRPO_STEPS:-20}"
+  export SFT_STEPS="${SFT_STEPS:-300}" SFT_LR="${SFT_LR:-3e-3}" GRPO_STEPS="${GRPO_STEPS:-20}" \
+    GRPO_LR="${GRPO_LR:-1e-4}"
 fi
 FORMAT=synthetic TITLE="synthetic demo, test" EXAMPLES=3 CF_MODEL="${CF_MODEL:-markov}" \
   RUN_COMMAND="bash scripts/demo.sh${1:+ $1}" exec bash scripts/reproduce.sh "$OUT/sft/data" "$OUT"

@@ -37,6 +37,7 @@
 #   SFT_STEPS    SFT train.num_steps (default: the preset's, 600 for sid, 300 for title)
 #   SFT_LR       SFT train.lr (default: the preset's, 1.5e-3 for sid, 3e-3 for title)
 #   GRPO_STEPS   GRPO train.num_steps (default: the preset's, 40 for sid, 30 for title)
+#   GRPO_LR      GRPO train.lr (default: the preset's, 3e-5 for sid, 2e-4 for title)
 #   GRPO_PRESET  configs/grpo.py preset of the sid GRPO stage: minionerec (default) | office
 #   CF_MODEL     CF prior of the CF-guided rows: mix (default) | markov | sasrec
 #   CF_WEIGHT    its weight in the beam score (default 256, chosen on Office's valid split)
@@ -112,7 +113,7 @@ stage() {
 
 DATA=("--config.data.format=$FORMAT" "--config.data.dir=$DATA_DIR" "${EXTRA[@]}")
 SFT_TRAIN=(${SFT_STEPS:+"--config.train.num_steps=$SFT_STEPS"} ${SFT_LR:+"--config.train.lr=$SFT_LR"})
-GRPO_TRAIN=(${GRPO_STEPS:+"--config.train.num_steps=$GRPO_STEPS"})
+GRPO_TRAIN=(${GRPO_STEPS:+"--config.train.num_steps=$GRPO_STEPS"} ${GRPO_LR:+"--config.train.lr=$GRPO_LR"})
 
 if [[ "$ITEM_FORMAT" == sid ]]; then
   if [[ "$FORMAT" == synthetic ]]; then
