@@ -427,6 +427,10 @@ def _sft_pair(
   return SftPair(prompt, _after_prompt(text, opened), kept, len(example.history))
 
 
+# Stands for {item} when locating it in a rendered history line (no item text contains it).
+_ITEM_MARKER = "\x00"
+
+
 def history_spans(prompt: str, example: Example, catalog: Catalog | ItemCodec, cfg: PromptConfig,
                   kept: int) -> tuple[tuple[int, int], ...]:
   """Character spans in ``prompt`` of the item texts of the shown history items 2..``kept``.
@@ -441,10 +445,15 @@ def history_spans(prompt: str, example: Example, catalog: Catalog | ItemCodec, c
     return ()
   spans, cursor = [], block_start + len(cfg.history_header)
   for index, item_id in enumerate(shown, start=1):
-    line = cfg.history_item_template.format(
-      index=index, item=codec.text(item_id), title=codec.catalog[item_id].title,
-      details=_render_details(codec.catalog[item_id].attributes, cfg))
-    at = line.find(codec.text(item_id), len(str(index)))
+    fields = dict(index=index, title=codec.catalog[item_id].title,
+                  details=_render_details(codec.catalog[item_id].attributes, cfg))
+    line = cfg.history_item_template.format(item=codec.text(item_id), **fields)
+    # Where {item} sits in the line, wherever the template puts it (first, after the index or
+    # the title): what precedes it renders the same with a marker in its place. Without {item},
+    # another field may still write the item text ({title}, when items are titles).
+    at = cfg.history_item_template.format(item=_ITEM_MARKER, **fields).find(_ITEM_MARKER)
+    if at < 0:
+      at = line.find(codec.text(item_id))
     if index > 1 and at >= 0:
       spans.append((cursor + at, cursor + at + len(codec.text(item_id))))
     cursor += len(line)

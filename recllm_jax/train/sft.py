@@ -84,6 +84,21 @@ def tokenizer_texts(examples: Sequence[Any], catalog: Any, prompt_cfg: Any,
   return [t for pair in pairs for t in (pair.prompt, pair.completion)]
 
 
+def _check_history_spans(examples: Sequence[Any], codec: Any, prompt_cfg: Any) -> None:
+  """`data.history_loss` must find the history items in the prompt, or it trains nothing."""
+  from recllm_jax.data.prompts import build_sft_pair
+  from recllm_jax.errors import ConfigError
+
+  probe = next((ex for ex in examples if len(getattr(ex, "history", ())) >= 2), None)
+  if probe is not None and not build_sft_pair(probe, codec, None, prompt_cfg,
+                                              history_loss=True).history_spans:
+    raise ConfigError(
+        "data.history_loss=True, but the prompt does not show the history items verbatim, so "
+        "no history token would be trained: data.prompt.history_item_template="
+        f"{prompt_cfg.history_item_template!r} must contain {{item}}, and the chat template must "
+        "not rewrite the history block")
+
+
 class SftTask:
   """Tokenizer, data pipelines, loss and step for SFT (`task.Task`); the loop does the rest.
 
@@ -144,6 +159,8 @@ class SftTask:
         new_tokens=self.codec.new_tokens())
     codec, tokenizer = self.codec, self.tokenizer
     max_length, history_loss = config.data.max_length, config.data.history_loss
+    if history_loss:
+      _check_history_spans(self.train_examples, codec, prompt_cfg)
     # The history is budgeted so prompt + completion + eos fit max_length (nothing else is cut).
     self._format = lambda ex: (
         build_alignment_pair(ex, codec, tokenizer, prompt_cfg) if isinstance(ex, AlignmentExample)

@@ -153,3 +153,23 @@ def test_alignment_tasks_name_an_item_by_its_other_name(r1_tokenizer):
   assert len(tasks) == 8
   with pytest.raises(ValueError, match="alignment task"):
     AlignmentExample("p1", "sid2sid")
+
+
+@pytest.mark.parametrize("template", ["{item}\n", "{index}. {item}{details}\n",
+                                      "{title}: {item}\n", "{index}) {title} = {item} ({index})\n"])
+def test_history_spans_find_the_item_wherever_the_line_template_puts_it(template):
+  # {item} first on the line once found no span at all, so history_loss silently trained
+  # nothing but the target.
+  codec = make_codec("sid", _catalog())
+  cfg = PromptConfig(history_attributes=(), history_item_template=template)
+  ex = Example("u", ("p1", "p2", "p4"), ("p3",))
+  pair = build_sft_pair(ex, codec, None, cfg, history_loss=True)
+  assert [pair.prompt[a:b] for a, b in pair.history_spans] == [codec.text("p2"), codec.text("p4")]
+
+
+def test_history_spans_of_titles_written_by_the_title_field():
+  codec = make_codec("title", _catalog())
+  cfg = PromptConfig(history_attributes=(), history_item_template="{index}. {title}\n")
+  pair = build_sft_pair(Example("u", ("p1", "p2", "p4"), ("p3",)), codec, None, cfg,
+                        history_loss=True)
+  assert [pair.prompt[a:b] for a, b in pair.history_spans] == [codec.text("p2"), codec.text("p4")]

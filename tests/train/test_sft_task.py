@@ -44,3 +44,17 @@ def test_sft_task_writes_train_examples_under_the_r1_template(tmp_path, data_dir
     prompt, completion = block.split(f"<｜Assistant｜><think>\n{pipeline.LOSS_MARKER}\n")
     assert completion.endswith("<｜end▁of▁sentence｜>\n\n") and "<think>" not in completion
     assert completion.startswith("\n</think>\n\n" if target_format == "direct" else "The most recent item")
+
+
+def test_history_loss_with_no_item_in_the_history_lines_is_a_config_error(tmp_path, data_dir,
+                                                                         r1_tokenizer):
+  from recllm_jax.errors import ConfigError
+
+  config = sft_configs.get_config("tiny")
+  config.data.dir = str(data_dir)
+  config.model.tokenizer_path = r1_tokenizer.name_or_path
+  config.data.history_loss = True
+  SftTask(config, tmp_path)  # the default lines show {item}
+  config.data.prompt.history_item_template = "{index}.{details}\n"  # no item text at all
+  with pytest.raises(ConfigError, match=r"history_item_template='\{index\}\.\{details\}\\n'"):
+    SftTask(config, tmp_path)
