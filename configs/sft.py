@@ -193,6 +193,12 @@ def office_data(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.data.prompt.target_format = "direct"  # evaluation ranks by constrained beam over bare SIDs
   c.data.prompt.history_attributes = ()  # a SID already says what the item is like
   c.data.prompt.max_history_tokens = 200
+  # The instruction first and the history last, one bare SID a line, so the answer is written
+  # where every trained history item is (after the previous item's line): over 3 seeds on whole
+  # held-out users, NDCG@10 +6% and steps a third faster than numbered lines followed by the
+  # instruction (docs/results.md).
+  c.data.prompt.user_template = "{profile}{instruction} {answer_format}\n{history}"
+  c.data.prompt.history_item_template = "{item}{details}\n"
   return c
 
 

@@ -37,6 +37,8 @@ def test_office_presets_train_and_evaluate_with_semantic_ids(tmp_path):
   examples = (sft / "train_examples.txt").read_text()
   assert "Reply with the exact semantic ID of the item" in examples
   assert "trained history tokens in [[ ]]" in examples and "[[<a_" in examples
+  # The history comes last, one bare SID a line: the answer follows the newest item's line.
+  assert "]]\n<｜Assistant｜>" in examples and "\n1. <a_" not in examples
   _run("train.py", "grpo.py:office", f"--config.workdir={grpo}", f"--config.init_from={sft}",
        "--config.train.num_steps=1", "--config.grpo.num_generations=4",
        "--config.train.batch_size=2", "--config.train.eval_every=0")
