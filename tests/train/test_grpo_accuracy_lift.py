@@ -6,7 +6,7 @@ The demo's pipeline on synthetic data, through the scripts a user runs: semantic
 lr 3e-3, as `scripts/demo.sh`) and continues each seed's checkpoint with
 `configs/grpo.py:minionerec` (20 steps at lr 1e-4, as the demo), evaluating both on the test
 rows with the plain constrained beam (the model alone).
-About 13 minutes on 2 cores.
+About 10 minutes on 2 cores.
 """
 
 from __future__ import annotations
