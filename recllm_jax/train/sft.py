@@ -84,14 +84,24 @@ def tokenizer_texts(examples: Sequence[Any], catalog: Any, prompt_cfg: Any,
   return [t for pair in pairs for t in (pair.prompt, pair.completion)]
 
 
-def _check_history_spans(examples: Sequence[Any], codec: Any, prompt_cfg: Any) -> None:
-  """`data.history_loss` must find the history items in the prompt, or it trains nothing."""
+def _check_history_spans(examples: Sequence[Any], codec: Any, tokenizer: Any, prompt_cfg: Any,
+                         max_length: int, probes: int = 64) -> None:
+  """`data.history_loss` must find the history items in the prompt, or it trains nothing.
+
+  Judged on the first example (of `probes` with a history) whose prompt keeps two or more
+  history items within `max_length`: only those have history items to train.
+  """
   from recllm_jax.data.prompts import build_sft_pair
   from recllm_jax.errors import ConfigError
 
-  probe = next((ex for ex in examples if len(getattr(ex, "history", ())) >= 2), None)
-  if probe is not None and not build_sft_pair(probe, codec, None, prompt_cfg,
-                                              history_loss=True).history_spans:
+  with_history = (ex for ex in examples if len(getattr(ex, "history", ())) >= 2)
+  for _, example in zip(range(probes), with_history):
+    pair = build_sft_pair(example, codec, tokenizer, prompt_cfg, max_length=max_length,
+                          history_loss=True)
+    if pair.history_kept < 2:
+      continue
+    if pair.history_spans:
+      return
     raise ConfigError(
         "data.history_loss=True, but the prompt does not show the history items verbatim, so "
         "no history token would be trained: data.prompt.history_item_template="
@@ -160,7 +170,7 @@ class SftTask:
     codec, tokenizer = self.codec, self.tokenizer
     max_length, history_loss = config.data.max_length, config.data.history_loss
     if history_loss:
-      _check_history_spans(self.train_examples, codec, prompt_cfg)
+      _check_history_spans(self.train_examples, codec, tokenizer, prompt_cfg, max_length)
     # The history is budgeted so prompt + completion + eos fit max_length (nothing else is cut).
     self._format = lambda ex: (
         build_alignment_pair(ex, codec, tokenizer, prompt_cfg) if isinstance(ex, AlignmentExample)

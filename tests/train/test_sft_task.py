@@ -55,6 +55,7 @@ def test_history_loss_with_no_item_in_the_history_lines_is_a_config_error(tmp_pa
   config.model.tokenizer_path = r1_tokenizer.name_or_path
   config.data.history_loss = True
   SftTask(config, tmp_path)  # the default lines show {item}
+  assert "trained history tokens in [[ ]]" in (tmp_path / TRAIN_EXAMPLES_FILE).read_text()
   config.data.prompt.history_item_template = "{index}.{details}\n"  # no item text at all
   with pytest.raises(ConfigError, match=r"history_item_template='\{index\}\.\{details\}\\n'"):
     SftTask(config, tmp_path)
