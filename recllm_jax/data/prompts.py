@@ -445,17 +445,19 @@ def history_spans(prompt: str, example: Example, catalog: Catalog | ItemCodec, c
     return ()
   spans, cursor = [], block_start + len(cfg.history_header)
   for index, item_id in enumerate(shown, start=1):
-    fields = dict(index=index, title=codec.catalog[item_id].title,
-                  details=_render_details(codec.catalog[item_id].attributes, cfg))
-    line = cfg.history_item_template.format(item=codec.text(item_id), **fields)
-    # Where {item} sits in the line, wherever the template puts it (first, after the index or
-    # the title): what precedes it renders the same with a marker in its place. Without {item},
+    text = codec.text(item_id)
+    # Rendered once with a marker for {item}: where the marker sits is where the item starts,
+    # wherever the template puts it (first, after the index or the title). Without {item},
     # another field may still write the item text ({title}, when items are titles).
-    at = cfg.history_item_template.format(item=_ITEM_MARKER, **fields).find(_ITEM_MARKER)
+    marked = cfg.history_item_template.format(
+      index=index, item=_ITEM_MARKER, title=codec.catalog[item_id].title,
+      details=_render_details(codec.catalog[item_id].attributes, cfg))
+    line = marked.replace(_ITEM_MARKER, text)
+    at = marked.find(_ITEM_MARKER)
     if at < 0:
-      at = line.find(codec.text(item_id))
+      at = line.find(text)
     if index > 1 and at >= 0:
-      spans.append((cursor + at, cursor + at + len(codec.text(item_id))))
+      spans.append((cursor + at, cursor + at + len(text)))
     cursor += len(line)
   return tuple(spans)
 
