@@ -100,6 +100,9 @@ def base_config() -> ml_collections.ConfigDict:
   # MiniOneRec's alignment tasks mixed into SFT, comma-separated: "title2item" (the title ->
   # the item text, e.g. its SID) and/or "item2title"; one example per catalog item and task.
   c.data.align_tasks = ""
+  # Drop each history item of a training example with this probability, anew every epoch
+  # (data.schema.drop_history_items): an augmentation for small data; 0 = off.
+  c.data.history_dropout = 0.0
 
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 1000

@@ -1,11 +1,14 @@
 """Build semantic IDs for a dataset's catalog: `python scripts/build_sids.py --data_dir DIR
 [--format auto] [--out DIR/sids.tsv] [--features text+cooc] [--levels 3] [--codebook_size 256]
-[--dim 64] [--seed 0] [--compare info.txt|sids.tsv|DIR]`.
+[--dim 64] [--seed 0] [--valid_fraction 0.1] [--valid_holdout last_row]
+[--compare info.txt|sids.tsv|DIR]`.
 
 Embeds every catalog item (item text and/or co-occurrence in the *training* split, each
 example's `history + targets`), quantises the embeddings with balanced residual k-means and
 writes `item_id<TAB>sid` lines to `--out` (see `recllm_jax.data.sids` and docs/data.md,
-"Semantic IDs"). The build is deterministic for `--seed`.
+"Semantic IDs"). The build is deterministic for `--seed`. For amazon18 data the training split
+is the one `data.valid_fraction` / `data.valid_holdout` give a run: build with the run's values,
+so that co-occurrence never sees the rows that run holds out (e.g. a study on held-out users).
 
 `--compare` reads reference SIDs (an Amazon `info.txt`: `<sid>\\t<title>\\t<item_id>`, or a
 `sids.tsv`; a directory means its `info.txt`, else its `sids.tsv`) and prints how the built
@@ -80,6 +83,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--codebook_size", type=_int_in(1), default=256, help="codes per level (default: 256)")
   p.add_argument("--dim", type=_int_in(1), default=64, help="embedding dimension per feature (default: 64)")
   p.add_argument("--seed", type=_int_in(0), default=0, help="seed of SVD start vectors and k-means++ (default: 0)")
+  p.add_argument("--valid_fraction", type=float, default=0.1,
+                 help="amazon18: the run's data.valid_fraction (default: 0.1)")
+  p.add_argument("--valid_holdout", default="last_row", choices=("last_row", "users"),
+                 help="amazon18: the run's data.valid_holdout (default: last_row)")
   p.add_argument("--compare", default=None, metavar="FILE_OR_DIR",
                  help=f"reference SIDs to compare with: {INFO_FILE}, {SID_FILE}, or a directory holding one")
   return p.parse_args(argv)
@@ -250,7 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.compare:
       ref = read_reference(Path(args.compare))
       progress(f"read {len(ref)} reference SIDs from {args.compare}")
-    ds = load_dataset(data_dir, args.format)
+    ds = load_dataset(data_dir, args.format, valid_fraction=args.valid_fraction,
+                      valid_holdout=args.valid_holdout)
     sequences = [ex.history + ex.targets for ex in ds.train]
     progress(f"loaded {ds!r}; {len(sequences)} training sequences")
     sids = build_sids(ds.catalog, sequences, features=args.features, num_levels=args.levels,
@@ -258,7 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     progress(f"built {len(sids)} SIDs")
     header = (f"semantic IDs built by scripts/build_sids.py from {data_dir} ({args.format}): "
               f"features={args.features} levels={args.levels} codebook_size={args.codebook_size} "
-              f"dim={args.dim} seed={args.seed}; items sharing a SID got one extra level")
+              f"dim={args.dim} seed={args.seed} valid_fraction={args.valid_fraction} "
+              f"valid_holdout={args.valid_holdout}; items sharing a SID got one extra level")
     write_sid_file(out, sids, header=header)
     progress(f"wrote {out}")
     print("built SIDs:")

@@ -165,6 +165,10 @@ class PipelineConfig:
   seed: int = 0
   num_epochs: int | None = None  # None = repeat forever
   prefetch_threads: int = 0  # grain read threads; 0 = read in the training thread
+  # A random training-time transform of each example (before formatting), seeded per element
+  # by `seed` and its position in the repeated stream, so every epoch draws anew and a resumed
+  # run draws the same; None = none.
+  augment: Callable[[Any, np.random.Generator], Any] | None = None
 
   @property
   def buckets(self) -> tuple[int, ...]:
@@ -232,9 +236,10 @@ def train_dataset(examples: Sequence[Any], format_fn: FormatFn, tokenizer: Token
                     f"{cfg.batch_size}; lower train.batch_size")
   pad = pad_id(tokenizer)
   buckets = cfg.buckets
-  ds = (ds.shuffle(seed=cfg.seed)
-        .repeat(cfg.num_epochs)
-        .map(tokenize_fn(format_fn, tokenizer, cfg.max_length)))
+  ds = ds.shuffle(seed=cfg.seed).repeat(cfg.num_epochs)
+  if cfg.augment is not None:
+    ds = ds.random_map(cfg.augment, seed=cfg.seed)
+  ds = ds.map(tokenize_fn(format_fn, tokenizer, cfg.max_length))
   return process_batches(ds, cfg.batch_size, lambda exs: collate(exs, buckets, pad))
 
 

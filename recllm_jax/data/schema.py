@@ -12,6 +12,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from recllm_jax.data.catalog import Catalog
 
 __all__ = [
@@ -22,6 +24,7 @@ __all__ = [
   "INTERACTIONS_PARQUET",
   "RecDataset",
   "SPLITS",
+  "drop_history_items",
   "user_sequences",
 ]
 
@@ -116,3 +119,27 @@ def user_sequences(examples: list[Example]) -> list[Example]:
       seen.add((ex.user_id, seq))
       kept.append(ex)
   return kept
+
+
+def drop_history_items(example: Example, rng: np.random.Generator, rate: float) -> Example:
+  """`example` with each history item dropped independently with probability `rate`.
+
+  A training-time augmentation for small data: every epoch shows a user's sequence with other
+  gaps, so the model also learns to predict across a skipped item instead of memorising one
+  context per user. The targets and at least one history item are always kept (the newest,
+  when everything else was dropped), and `timestamps` / `actions` stay aligned.
+  """
+  n = len(example.history)
+  if rate <= 0.0 or n == 0:
+    return example
+  keep = rng.random(n) >= rate
+  if not keep.any():
+    keep[-1] = True
+  if keep.all():
+    return example
+
+  def kept(values: tuple | None) -> tuple | None:
+    return None if values is None else tuple(v for v, k in zip(values, keep) if k)
+
+  return dataclasses.replace(example, history=kept(example.history),
+                             timestamps=kept(example.timestamps), actions=kept(example.actions))

@@ -19,6 +19,7 @@ import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from recllm_jax import paths
 from recllm_jax.data import pipeline
@@ -130,6 +131,8 @@ class SftTask:
     from recllm_jax.data.prompts import ALIGN_TASKS
     from recllm_jax.errors import ConfigError
 
+    if not 0.0 <= config.data.history_dropout < 1.0:
+      raise ConfigError(f"data.history_dropout={config.data.history_dropout} must be in [0, 1)")
     tasks = [t.strip() for t in config.data.align_tasks.split(",") if t.strip()]
     unknown = sorted(set(tasks) - set(ALIGN_TASKS))
     if unknown:
@@ -141,7 +144,7 @@ class SftTask:
     from recllm_jax.data.loading import load_run_data
     from recllm_jax.data.prompts import (AlignmentExample, PromptConfig, alignment_examples,
                                          build_alignment_pair, build_sft_pair)
-    from recllm_jax.data.schema import user_sequences
+    from recllm_jax.data.schema import Example, drop_history_items, user_sequences
 
     workdir = paths.workdir_path(workdir)
     self.config = config
@@ -179,10 +182,15 @@ class SftTask:
     # val_loss stays the loss of the target alone, whatever history_loss trains on.
     self._eval_format = lambda ex: build_sft_pair(ex, codec, tokenizer, prompt_cfg,
                                                   max_length=max_length)
+    rate = config.data.history_dropout
+
+    def augment(ex: Any, rng: np.random.Generator) -> Any:
+      return drop_history_items(ex, rng, rate) if isinstance(ex, Example) else ex
+
     self.pipeline_config = pipeline.PipelineConfig(
         batch_size=config.train.batch_size, max_length=max_length,
         num_buckets=config.data.num_buckets, seed=config.seed,
-        prefetch_threads=config.data.prefetch_threads)
+        prefetch_threads=config.data.prefetch_threads, augment=augment if rate > 0 else None)
     if jax.process_index() == 0:
       self.write_train_examples(workdir / TRAIN_EXAMPLES_FILE)
 

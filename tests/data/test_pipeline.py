@@ -253,3 +253,30 @@ def test_r1_budgeted_history_keeps_bos_and_header_and_counts_events(r1_tokenizer
   assert "history truncated" in text.splitlines()[0]
   assert f"<｜Assistant｜><think>\n{pl.LOSS_MARKER}\nThe most recent item is" in text
   assert "</answer><｜end▁of▁sentence｜>\n" in text
+
+
+def test_augment_draws_anew_every_epoch_deterministically_and_resumes_exactly():
+  def drop_digit(pair, rng):  # a visible random change: maybe drop the prompt's first letter
+    return SftPair(pair.prompt[1:], pair.completion) if rng.random() < 0.5 else pair
+
+  def rows(it, n):  # each row's tokens, without the bucket's padding
+    return [tuple(t for t in r if t != PAD) for _ in range(n) for r in next(it)["input_ids"].tolist()]
+
+  def epochs(stream):  # the rows of each epoch of 12 examples, in a fixed order
+    return [sorted(stream[e * 12:(e + 1) * 12]) for e in range(len(stream) // 12)]
+
+  a, b = pl.make_iterator(make_ds(augment=drop_digit)), pl.make_iterator(make_ds(augment=drop_digit))
+  stream = rows(a, 6)
+  assert stream == rows(b, 6)  # the same seed draws the same
+  plain = rows(pl.make_iterator(make_ds()), 6)
+  assert epochs(plain)[0] == epochs(plain)[1]
+  assert epochs(stream)[0] != epochs(stream)[1]  # a fresh draw every epoch
+  assert epochs(stream)[0] != epochs(plain)[0]
+  # Resuming mid-stream reproduces the augmented batches.
+  it = pl.make_iterator(make_ds(augment=drop_digit))
+  rows(it, 2)
+  state = it.get_state()
+  expected = rows(it, 3)
+  resumed = pl.make_iterator(make_ds(augment=drop_digit))
+  resumed.set_state(state)
+  assert rows(resumed, 3) == expected

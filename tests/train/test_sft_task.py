@@ -5,10 +5,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from recllm_jax.data import pipeline
 from recllm_jax.data.synthetic import generate_synthetic
+from recllm_jax.errors import ConfigError
 from recllm_jax.train.sft import TRAIN_EXAMPLES_FILE, SftTask
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,3 +61,25 @@ def test_history_loss_with_no_item_in_the_history_lines_is_a_config_error(tmp_pa
   config.data.prompt.history_item_template = "{index}.{details}\n"  # no item text at all
   with pytest.raises(ConfigError, match=r"history_item_template='\{index\}\.\{details\}\\n'"):
     SftTask(config, tmp_path)
+
+
+@pytest.mark.parametrize("rate", [-0.1, 1.0])
+def test_history_dropout_outside_zero_to_one_is_a_config_error(rate):
+  config = sft_configs.get_config("tiny")
+  config.data.history_dropout = rate
+  with pytest.raises(ConfigError, match=r"data.history_dropout=.* must be in \[0, 1\)"):
+    SftTask.check_config(config)
+
+
+def test_history_dropout_trains_on_examples_with_items_dropped(tmp_path, data_dir):
+  config = sft_configs.get_config("tiny")
+  config.data.dir = str(data_dir)
+  config.data.history_dropout = 0.5
+  task = SftTask(config, tmp_path)
+  augment = task.pipeline_config.augment
+  ex = next(e for e in task.dataset.train if len(e.history) >= 6)
+  rng = np.random.default_rng(0)
+  lengths = {len(augment(ex, rng).history) for _ in range(20)}
+  assert max(lengths) <= len(ex.history) and min(lengths) < len(ex.history) and len(lengths) > 1
+  config.data.history_dropout = 0.0
+  assert SftTask(config, tmp_path / "off").pipeline_config.augment is None
