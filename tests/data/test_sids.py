@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -348,3 +349,28 @@ def test_script_errors_are_one_line(argv, message, capsys):
 def test_script_help():
   run = subprocess.run([sys.executable, str(SCRIPT), "-h"], capture_output=True, text=True, check=False)
   assert run.returncode == 0 and "--compare" in run.stdout
+
+
+def test_script_builds_from_the_runs_own_amazon18_training_split(tmp_path, capsys):
+  """--valid_fraction/--valid_holdout: co-occurrence never sees the rows a run holds out."""
+  from recllm_jax.data.amazon18 import read_amazon18
+
+  root = tmp_path / "amazon"
+  root.mkdir()
+  (root / "items.json").write_text(json.dumps({str(i): {"title": f"Item {i}"} for i in range(1, 4)}))
+  header = "user_id,history_item_title,item_title,history_item_id,item_id,history_item_sid,item_sid\n"
+  rows = [f'u{u},"[\'Item 1\', \'Item 2\']",Item 3,"[1, 2]",3,x,y\n' for u in range(40)]
+  (root / "valid.csv").write_text(header + "".join(rows))
+  (root / "test.csv").write_text(header + rows[0])
+  held = len(read_amazon18(root, valid_fraction=0.5).valid)
+  assert 0 < held < 40
+  flags = ["--data_dir", str(root), "--levels", "1", "--codebook_size", "3", "--dim", "2"]
+  # Each user's one row 1, 2 -> 3 gives two training sequences (1 -> 2 and 1, 2 -> 3); a user
+  # whose last row is held out keeps the first (last_row) or nothing (users).
+  for extra, sequences in [([], None), (["--valid_fraction", "0.5"], 2 * 40 - held),
+                           (["--valid_fraction", "0.5", "--valid_holdout", "users"], 2 * (40 - held))]:
+    assert cli.main(flags + extra) == 0
+    out = capsys.readouterr().out
+    if sequences is not None:
+      assert f"; {sequences} training sequences" in out
+  assert "valid_fraction=0.5 valid_holdout=users" in (root / SID_FILE).read_text()
