@@ -90,6 +90,10 @@ def base_config() -> ml_collections.ConfigDict:
   # format) or "sid" (semantic IDs: <data.dir>/sids.tsv from scripts/build_sids.py, else the
   # data's own, e.g. Amazon's info.txt; each code is one added token).
   c.data.item_format = "title"
+  # item_format "sid": the SID file to read (scripts/build_sids.py --out) instead of
+  # <data.dir>/sids.tsv or the data's own, so SIDs built for a run need not be written into the
+  # data folder; "" = those.
+  c.data.sid_file = ""
   # Also train on every history item after the first (its tokens in the prompt), so one example
   # teaches each next item of its history, not only its target.
   c.data.history_loss = False

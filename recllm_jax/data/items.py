@@ -14,8 +14,9 @@ constrained decoder's trie is built from the same texts (``ItemTrie.from_codec``
 answer texts back with ``codec.ids_for_text``, and the tokenizer gets ``codec.new_tokens()``.
 A new item format is a new codec plus its tests.
 
-SIDs come, in this order, from ``<data dir>/sids.tsv`` (written by ``scripts/build_sids.py``),
-or from the items' own ``sid`` attribute (Amazon's ``info.txt``, a ``sid`` field in JSONL or
+SIDs come, in this order, from a SID file named by the run (``data.sid_file``), from
+``<data dir>/sids.tsv`` (both written by ``scripts/build_sids.py``), or from the items' own
+``sid`` attribute (Amazon's ``info.txt``, a ``sid`` field in JSONL or
 Parquet catalogs). Items that share a SID get one more code level, so every SID is unique and
 none is a prefix of another (:func:`recllm_jax.data.sids.resolve_collisions`).
 
@@ -141,13 +142,20 @@ def as_codec(items: Catalog | ItemCodec) -> ItemCodec:
   return items if isinstance(items, ItemCodec) else TitleCodec(items)
 
 
-def _dataset_sids(catalog: Catalog, data_dir: str | os.PathLike[str] | None
-                  ) -> tuple[dict[str, str], str]:
-  """(item id -> SID, where they came from): sids.tsv beside the data, else the items' own."""
+def _dataset_sids(catalog: Catalog, data_dir: str | os.PathLike[str] | None,
+                  sid_file: str | os.PathLike[str] | None = None) -> tuple[dict[str, str], str]:
+  """(item id -> SID, where they came from): `sid_file`, else sids.tsv beside the data, else
+  the items' own."""
   from recllm_jax.data import sids as sid_lib
 
-  if data_dir is not None:
-    path = Path(data_dir) / sid_lib.SID_FILE
+  if sid_file:
+    if not Path(sid_file).is_file():
+      raise DataError(f"data.sid_file={str(sid_file)!r} does not exist; build it with: python "
+                      f"scripts/build_sids.py --data_dir {data_dir or 'DATA_DIR'} --out {sid_file}")
+  elif data_dir is not None:
+    sid_file = Path(data_dir) / sid_lib.SID_FILE
+  if sid_file is not None:
+    path = Path(sid_file)
     if path.is_file():
       sids = sid_lib.read_sid_file(path)
       unknown = [i for i in sids if i not in catalog]
@@ -167,12 +175,14 @@ def _dataset_sids(catalog: Catalog, data_dir: str | os.PathLike[str] | None
 
 
 def make_codec(item_format: str, catalog: Catalog,
-               data_dir: str | os.PathLike[str] | None = None) -> ItemCodec:
-  """The codec of ``data.item_format`` for ``catalog`` (``data_dir``: where sids.tsv may be)."""
+               data_dir: str | os.PathLike[str] | None = None,
+               sid_file: str | os.PathLike[str] | None = None) -> ItemCodec:
+  """The codec of ``data.item_format`` for ``catalog`` (``data_dir``: where sids.tsv may be;
+  ``sid_file``: the SID file to use instead, ``data.sid_file``)."""
   if item_format == "title":
     return TitleCodec(catalog)
   if item_format == "sid":
-    sids, source = _dataset_sids(catalog, data_dir)
+    sids, source = _dataset_sids(catalog, data_dir, sid_file)
     codec = SidCodec(catalog, sids)
     log.info("semantic IDs of %d items from %s (%d code tokens)", len(catalog), source,
              len(codec.new_tokens()))

@@ -128,4 +128,5 @@ def load_run_data(config: Any, workdir: str | os.PathLike[str]) -> tuple[RecData
                          valid_fraction=config.data.get("valid_fraction", 0.1),
                          valid_holdout=config.data.get("valid_holdout", "last_row"),
                          seed=config.data.get("synthetic_seed", config.get("seed", 0)))
-  return dataset, make_codec(config.data.get("item_format", "title"), dataset.catalog, root)
+  return dataset, make_codec(config.data.get("item_format", "title"), dataset.catalog, root,
+                             config.data.get("sid_file", "") or None)

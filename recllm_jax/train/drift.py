@@ -36,7 +36,7 @@ MEANING_KEYS = (
     "model.hidden_size", "model.intermediate_size", "model.num_hidden_layers",
     "model.num_attention_heads", "model.num_key_value_heads", "model.lora.",
     "model.param_dtype", "train.master_dtype",
-    "data.item_format", "data.format",
+    "data.item_format", "data.format", "data.sid_file",
 )
 # Keys that change how the run goes on, not what its checkpoints mean (logged at INFO).
 SAFE_KEYS = (

@@ -52,6 +52,16 @@ def test_sid_file_beside_the_data_wins_over_the_items_own(tmp_path):
   assert make_codec("sid", _catalog(), tmp_path).text("p1") == "<a_91><b_2><c_3>"
 
 
+def test_sid_file_named_by_the_run_wins_over_the_one_beside_the_data(tmp_path):
+  write_sid_file(tmp_path / SID_FILE, {**SIDS, "p1": "<a_91><b_2><c_3>"})
+  elsewhere = tmp_path / "run" / "built.tsv"
+  elsewhere.parent.mkdir()
+  write_sid_file(elsewhere, {**SIDS, "p1": "<a_92><b_2><c_3>"})
+  assert make_codec("sid", _catalog(), tmp_path, elsewhere).text("p1") == "<a_92><b_2><c_3>"
+  with pytest.raises(DataError, match=r"data.sid_file='.*missing.tsv' does not exist.*build_sids.py"):
+    make_codec("sid", _catalog(), tmp_path, tmp_path / "missing.tsv")
+
+
 def test_missing_sids_name_the_fix(tmp_path):
   with pytest.raises(DataError, match="build_sids.py"):
     make_codec("sid", _catalog(with_sids=False), tmp_path)
