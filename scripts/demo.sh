@@ -3,7 +3,7 @@
 # repo, under 10 minutes on a 2-core CPU:
 #   bash scripts/demo.sh [OUT_DIR]          (default workdirs/demo)
 # scripts/reproduce.sh on synthetic data, so the same pipeline as on Office (ITEM_FORMAT=sid by
-# default: semantic IDs built for the synthetic catalog by scripts/build_sids.py, SFT with
+# default: semantic IDs built for the synthetic catalog by scripts/build_sids.py into OUT, SFT with
 # configs/sft.py:office, GRPO with configs/grpo.py:minionerec, direct targets, beam rollouts) ->
 # evaluation on the test split, plain and CF-guided, against the popularity, item-transition and
 # SASRec baselines -> the results table, training curves (OUT/sft/*.png, OUT/grpo/*.png),

@@ -4,9 +4,10 @@
 # DATA_DIR defaults to ../shared/data/amazon18/Office_Products (relative to the repo root), OUT_DIR
 # to workdirs/reproduce. Run from an activated environment (`pip install -e .` done).
 #
-# Pipeline (ITEM_FORMAT=sid, the default): semantic IDs for the catalog (DATA_DIR/sids.tsv from
-# scripts/build_sids.py, unless DATA_DIR has sids.tsv or SIDs of its own: an amazon18 info.txt,
-# a sid field in a JSONL catalog.jsonl) -> SFT of a small random-init Qwen2 that writes items as
+# Pipeline (ITEM_FORMAT=sid, the default): semantic IDs for the catalog (SIDS=built, the default:
+# OUT/sids.tsv from scripts/build_sids.py, text + co-occurrence in the training split; SIDS=data:
+# DATA_DIR's own, sids.tsv or an amazon18 info.txt or a sid field in catalog.jsonl, built into
+# OUT/sids.tsv only where it has none) -> SFT of a small random-init Qwen2 that writes items as
 # SIDs (configs/sft.py:office) -> GRPO from that checkpoint with beam rollouts
 # (configs/grpo.py:minionerec, MiniOneRec's recipe, chosen on valid rows in docs/grpo.md;
 # GRPO_PRESET=office for the plain one) -> evaluate both on test.csv (full catalog, constrained beam search,
@@ -32,6 +33,7 @@
 # Environment:
 #   PYTHON       interpreter (default python)
 #   ITEM_FORMAT  sid (default) | title: how items are written (data.item_format)
+#   SIDS         built (default) | data: the sid pipeline's SIDs (above; docs/results.md)
 #   K            list length and beams (default 20; metrics at 1,3,5,10,20 <= K)
 #   FORMAT       data.format (default amazon18; scripts/demo.sh sets synthetic)
 #   SFT_STEPS    SFT train.num_steps (default: the preset's, 600 for sid, 300 for title)
@@ -111,7 +113,6 @@ stage() {
   echo; echo "=== [$(( SECONDS - start ))s] $*"
 }
 
-DATA=("--config.data.format=$FORMAT" "--config.data.dir=$DATA_DIR" "${EXTRA[@]}")
 SFT_TRAIN=(${SFT_STEPS:+"--config.train.num_steps=$SFT_STEPS"} ${SFT_LR:+"--config.train.lr=$SFT_LR"})
 GRPO_TRAIN=(${GRPO_STEPS:+"--config.train.num_steps=$GRPO_STEPS"} ${GRPO_LR:+"--config.train.lr=$GRPO_LR"})
 
@@ -122,17 +123,28 @@ if [[ "$ITEM_FORMAT" == sid ]]; then
     "$PYTHON" -c 'import sys; from recllm_jax.data.synthetic import ensure_synthetic
 ensure_synthetic(sys.argv[1], seed=0)' "$DATA_DIR"
   fi
-  if [[ -f "$DATA_DIR/sids.tsv" ]]; then
-    echo "semantic IDs: $DATA_DIR/sids.tsv"
-  elif [[ "$FORMAT" == amazon18 && -f "$DATA_DIR/info.txt" ]]; then
-    echo "semantic IDs: the dataset's own, $DATA_DIR/info.txt"
-  elif [[ "$FORMAT" != amazon18 ]] && grep -qs '"sid"' "$DATA_DIR/catalog.jsonl"; then
-    echo "semantic IDs: the catalog's own (the sid field of $DATA_DIR/catalog.jsonl)"
+  case "${SIDS:-built}" in
+    built) own="" ;;
+    data)
+      if [[ -f "$DATA_DIR/sids.tsv" ]]; then own="$DATA_DIR/sids.tsv"
+      elif [[ "$FORMAT" == amazon18 && -f "$DATA_DIR/info.txt" ]]; then own="$DATA_DIR/info.txt"
+      elif [[ "$FORMAT" != amazon18 ]] && grep -qs '"sid"' "$DATA_DIR/catalog.jsonl"; then
+        own="the sid field of $DATA_DIR/catalog.jsonl"
+      else own=""; fi ;;
+    *) echo "error: SIDS=$SIDS; expected built or data" >&2; exit 2 ;;
+  esac
+  if [[ -n "$own" ]]; then
+    echo "semantic IDs: the dataset's own ($own)"
   else
-    stage sids "semantic IDs -> $DATA_DIR/sids.tsv"
-    "$PYTHON" scripts/build_sids.py --data_dir "$DATA_DIR" --format "$FORMAT"
+    # Written into OUT, never into DATA_DIR, and read by every stage through data.sid_file. Built
+    # from the split the runs train on (the presets' data.valid_fraction / valid_holdout).
+    stage sids "semantic IDs -> $OUT/sids.tsv"
+    "$PYTHON" scripts/build_sids.py --data_dir "$DATA_DIR" --format "$FORMAT" --out "$OUT/sids.tsv"
+    EXTRA+=("--config.data.sid_file=$OUT/sids.tsv")
   fi
 fi
+
+DATA=("--config.data.format=$FORMAT" "--config.data.dir=$DATA_DIR" "${EXTRA[@]}")
 
 stage sft "SFT -> $OUT/sft"
 "$PYTHON" scripts/train.py --config "$SFT_CONFIG" "${DATA[@]}" "${SFT_TRAIN[@]}" \

@@ -82,3 +82,31 @@ def test_an_unknown_item_format_is_a_one_line_error(tmp_path):
   done = _reproduce(tmp_path, tmp_path, ITEM_FORMAT="titles")
   assert done.returncode == 2
   assert done.stderr.strip() == "error: ITEM_FORMAT=titles; expected sid or title"
+
+
+@pytest.mark.parametrize("sids", ["built", "data"])
+def test_every_stage_reads_the_sids_the_run_chose(tmp_path, sids):
+  # A stub interpreter that records its arguments: which SIDs each stage is told to read.
+  log = tmp_path / "calls.txt"
+  stub = tmp_path / "python"
+  stub.write_text(f'#!/bin/sh\necho "$*" >> {log}\n')
+  stub.chmod(0o755)
+  data = tmp_path / "data"
+  data.mkdir()
+  for name in ("items.json", "valid.csv", "test.csv", "info.txt"):
+    (data / name).write_text("")
+  done = _reproduce(tmp_path, data, PYTHON=str(stub), SIDS=sids)
+  assert done.returncode == 0, done.stderr
+  calls = log.read_text().splitlines()
+  sid_file = f"--config.data.sid_file={tmp_path / 'out' / 'sids.tsv'}"
+  runs = [c for c in calls if c.startswith(("scripts/train.py", "scripts/evaluate.py"))]
+  assert len(runs) == 6  # SFT, GRPO, two evaluations, two CF-guided ones
+  if sids == "built":
+    assert calls[0].startswith(f"scripts/build_sids.py --data_dir {data} --format amazon18 "
+                               f"--out {tmp_path / 'out' / 'sids.tsv'}")
+    assert all(sid_file in c for c in runs)
+  else:
+    assert "semantic IDs: the dataset's own" in done.stdout and f"{data}/info.txt" in done.stdout
+    assert not any("build_sids.py" in c or "sid_file" in c for c in calls)
+  assert _reproduce(tmp_path, data, PYTHON=str(stub), SIDS="mine").stderr.strip() == \
+      "error: SIDS=mine; expected built or data"
