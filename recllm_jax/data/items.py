@@ -148,14 +148,13 @@ def _dataset_sids(catalog: Catalog, data_dir: str | os.PathLike[str] | None,
   the items' own."""
   from recllm_jax.data import sids as sid_lib
 
-  if sid_file:
-    if not Path(sid_file).is_file():
-      raise DataError(f"data.sid_file={str(sid_file)!r} does not exist; build it with: python "
-                      f"scripts/build_sids.py --data_dir {data_dir or 'DATA_DIR'} --out {sid_file}")
-  elif data_dir is not None:
-    sid_file = Path(data_dir) / sid_lib.SID_FILE
-  if sid_file is not None:
-    path = Path(sid_file)
+  if sid_file and not Path(sid_file).is_file():
+    raise DataError(f"data.sid_file={str(sid_file)!r} does not exist; build it with: python "
+                    f"scripts/build_sids.py --data_dir {data_dir or 'DATA_DIR'} --out {sid_file}")
+  path = Path(sid_file) if sid_file else None
+  if path is None and data_dir is not None:
+    path = Path(data_dir) / sid_lib.SID_FILE
+  if path is not None:
     if path.is_file():
       sids = sid_lib.read_sid_file(path)
       unknown = [i for i in sids if i not in catalog]
