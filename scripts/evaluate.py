@@ -131,6 +131,7 @@ def main(argv: list[str]) -> None:
   from recllm_jax import sharding
   from recllm_jax.data import popularity
   from recllm_jax.data.loading import data_dir, load_run_data
+  from recllm_jax.train import drift
   from recllm_jax.data.errors import DataError
   from recllm_jax.data.prompts import PromptConfig
   from recllm_jax.errors import ConfigError, UserError
@@ -161,6 +162,7 @@ def main(argv: list[str]) -> None:
     # the checkpoint is restored, so that a mismatch ends the run at once, with one line.
     if not _HF_DIR.value:
       require_run(workdir)
+      drift.check_item_codes(config, workdir, "--config.workdir")
     dataset, codec = load_run_data(config, workdir)
     if not _HF_DIR.value:
       check_trained_catalog(dataset, workdir, data_dir(config, workdir))

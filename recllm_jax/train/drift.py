@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -127,6 +128,33 @@ def check_resume_config(config: ml_collections.ConfigDict, workdir: Any) -> None
   check_config(saved, new, str(workdir))
 
 
+# How a run writes items (data/items.py); a checkpoint only means something under its own.
+ITEM_KEYS = {"data.item_format": "title", "data.sid_file": ""}
+
+
+def check_item_codes(config: ml_collections.ConfigDict, workdir: Any, role: str) -> None:
+  """ConfigError when `config` writes items otherwise than the run in `workdir` did (`role`:
+  how this run uses it, e.g. "init_from" or "--config.workdir"), so that starting from or
+  evaluating a checkpoint under other item codes (a forgotten `data.sid_file`) fails instead of
+  silently reading the wrong tokens. Skipped for a workdir without `config.json`."""
+  from recllm_jax.train import build
+
+  if not (paths.workdir_path(workdir) / build.CONFIG_FILE).exists():
+    return
+  saved, new = _flatten(build.read_run_config(workdir)), _flatten(config)
+
+  def value(flat: dict[str, Any], key: str) -> str:
+    v = str(flat.get(key) or ITEM_KEYS[key])
+    return str(Path(v).expanduser().resolve()) if key.endswith("_file") and v else v
+
+  changed = [f"{key}={value(saved, key)!r} there, {value(new, key)!r} here"
+             for key in ITEM_KEYS if value(saved, key) != value(new, key)]
+  if changed:
+    raise ConfigError(f"{role}={workdir} was trained with other item codes than this run "
+                      f"writes: {'; '.join(changed)}. Pass the keys that run was trained with "
+                      f"(its {build.CONFIG_FILE})")
+
+
 def read_data_fingerprint(workdir: Any) -> dict[str, Any] | None:
   """The fingerprint of the data a run in `workdir` was trained on (`DATA_FINGERPRINT_FILE`), or
   None when it has none (a run from before fingerprints were saved, or no run at all)."""
@@ -164,5 +192,6 @@ def check_data(fingerprint: dict[str, Any] | None, workdir: Any, resuming: bool,
 
 
 __all__ = ["DATA_FINGERPRINT_FILE", "MEANING_KEYS", "ResumeDriftError", "SAFE_KEYS",
-           "check_config", "check_data", "check_resume_config", "compare_configs",
+           "check_config", "check_data", "check_item_codes", "check_resume_config",
+           "compare_configs",
            "read_data_fingerprint"]

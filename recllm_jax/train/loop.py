@@ -156,6 +156,10 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
   resuming = bool(checkpoint.finalized_steps(workdir))
   if resuming:
     drift.check_resume_config(config, workdir)
+  if config.get("init_from"):
+    source = build.parse_init_from(config.init_from)
+    if source.kind == "workdir":
+      drift.check_item_codes(config, source.path, "init_from")
   distributed.barrier("resume_config_checked")  # every process read config.json before it changes
   save_config(config, workdir)
   tc = config.train

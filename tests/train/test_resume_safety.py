@@ -209,6 +209,32 @@ def test_a_change_of_meaning_is_one_error_naming_the_key(key, value):
   assert isinstance(e.value, ConfigError) and "\n" not in str(e.value)
 
 
+def test_a_checkpoint_used_under_other_item_codes_is_one_error_naming_the_keys(tmp_path):
+  """init_from / evaluation of a run trained with data.sid_file, without it (or with another
+  item format), fails before anything reads the wrong tokens; the same codes pass."""
+  from recllm_jax.errors import ConfigError
+  from recllm_jax.train import drift
+
+  run = tmp_path / "sft"
+  drift.check_item_codes(_config(), run, "init_from")  # no config.json: nothing to compare
+  run.mkdir()
+  trained = _config(**{"data.item_format": "sid", "data.sid_file": str(tmp_path / "sids.tsv")})
+  (run / "config.json").write_text(trained.to_json_best_effort())
+  drift.check_item_codes(trained, run, "init_from")
+  with pytest.raises(ConfigError, match=re.escape(
+      f"init_from={run} was trained with other item codes than this run writes: "
+      f"data.sid_file='{tmp_path / 'sids.tsv'}' there, '' here.")):
+    drift.check_item_codes(_config(**{"data.item_format": "sid"}), run, "init_from")
+  with pytest.raises(ConfigError, match=r"data.item_format='sid' there, 'title' here; "
+                                        r"data.sid_file=.* there, '' here"):
+    drift.check_item_codes(_config(), run, "--config.workdir")
+  # A config.json from before data.sid_file existed means no SID file.
+  saved = json.loads(_config(**{"data.item_format": "sid"}).to_json_best_effort())
+  del saved["data"]["sid_file"]
+  (run / "config.json").write_text(json.dumps(saved))
+  drift.check_item_codes(_config(**{"data.item_format": "sid"}), run, "init_from")
+
+
 def test_the_error_names_every_changed_meaning_key_and_not_the_safe_ones():
   from recllm_jax.train import drift
 
