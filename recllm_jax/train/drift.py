@@ -193,5 +193,4 @@ def check_data(fingerprint: dict[str, Any] | None, workdir: Any, resuming: bool,
 
 __all__ = ["DATA_FINGERPRINT_FILE", "MEANING_KEYS", "ResumeDriftError", "SAFE_KEYS",
            "check_config", "check_data", "check_item_codes", "check_resume_config",
-           "compare_configs",
-           "read_data_fingerprint"]
+           "compare_configs", "read_data_fingerprint"]

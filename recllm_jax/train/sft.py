@@ -131,8 +131,9 @@ class SftTask:
     from recllm_jax.data.prompts import ALIGN_TASKS
     from recllm_jax.errors import ConfigError
 
-    if not 0.0 <= config.data.history_dropout < 1.0:
-      raise ConfigError(f"data.history_dropout={config.data.history_dropout} must be in [0, 1)")
+    rate = config.data.get("history_dropout", 0.0)  # absent from configs saved before it existed
+    if not 0.0 <= rate < 1.0:
+      raise ConfigError(f"data.history_dropout={rate} must be in [0, 1)")
     tasks = [t.strip() for t in config.data.align_tasks.split(",") if t.strip()]
     unknown = sorted(set(tasks) - set(ALIGN_TASKS))
     if unknown:
@@ -182,7 +183,7 @@ class SftTask:
     # val_loss stays the loss of the target alone, whatever history_loss trains on.
     self._eval_format = lambda ex: build_sft_pair(ex, codec, tokenizer, prompt_cfg,
                                                   max_length=max_length)
-    rate = config.data.history_dropout
+    rate = config.data.get("history_dropout", 0.0)
 
     def augment(ex: Any, rng: np.random.Generator) -> Any:
       return drop_history_items(ex, rng, rate) if isinstance(ex, Example) else ex
