@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from recllm_jax.data.amazon18 import VALID_HOLDOUTS
 from recllm_jax.data.errors import DataError
 from recllm_jax.data.loading import FORMATS, load_dataset
 from recllm_jax.data.sids import FEATURES, SID_FILE, build_sids, parse_sid, read_sid_file, write_sid_file
@@ -85,7 +86,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--seed", type=_int_in(0), default=0, help="seed of SVD start vectors and k-means++ (default: 0)")
   p.add_argument("--valid_fraction", type=float, default=0.1,
                  help="amazon18: the run's data.valid_fraction (default: 0.1)")
-  p.add_argument("--valid_holdout", default="last_row", choices=("last_row", "users"),
+  p.add_argument("--valid_holdout", default="last_row", choices=VALID_HOLDOUTS,
                  help="amazon18: the run's data.valid_holdout (default: last_row)")
   p.add_argument("--compare", default=None, metavar="FILE_OR_DIR",
                  help=f"reference SIDs to compare with: {INFO_FILE}, {SID_FILE}, or a directory holding one")
