@@ -74,6 +74,17 @@ def _int_in(low: int, high: int | None = None):
   return parse
 
 
+def _fraction(text: str) -> float:
+  """A float in [0, 1), as `data.valid_fraction`."""
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+  if not 0.0 <= value < 1.0:
+    raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+  return value
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p = _Parser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--data_dir", required=True, help="dataset directory")
@@ -84,7 +95,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--codebook_size", type=_int_in(1), default=256, help="codes per level (default: 256)")
   p.add_argument("--dim", type=_int_in(1), default=64, help="embedding dimension per feature (default: 64)")
   p.add_argument("--seed", type=_int_in(0), default=0, help="seed of SVD start vectors and k-means++ (default: 0)")
-  p.add_argument("--valid_fraction", type=float, default=0.1,
+  p.add_argument("--valid_fraction", type=_fraction, default=0.1,
                  help="amazon18: the run's data.valid_fraction (default: 0.1)")
   p.add_argument("--valid_holdout", default="last_row", choices=VALID_HOLDOUTS,
                  help="amazon18: the run's data.valid_holdout (default: last_row)")

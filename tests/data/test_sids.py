@@ -336,6 +336,7 @@ def test_script_end_to_end(tmp_path):
   (["--data_dir", "/does/not/exist"], "is not a directory"),
   (["--data_dir", ".", "--levels", "0"], "--levels"),
   (["--data_dir", ".", "--features", "titles"], "--features"),
+  (["--data_dir", ".", "--valid_fraction", "1.5"], "--valid_fraction: must be in [0, 1), got 1.5"),
   (["--data_dir", ".", "--bogus"], "unrecognized arguments"),
 ])
 def test_script_errors_are_one_line(argv, message, capsys):
