@@ -42,6 +42,8 @@ def grpo_base() -> ml_collections.ConfigDict:
   g.num_generations = 8
   # beta = 0.04: DeepSeekMath's GRPO (Shao et al. 2024, sec. 4.2) and TRL's original default.
   g.beta = 0.04
+  # k3 = exp(d) - d - 1, d = ref - logp: DeepSeekMath's and TRL's; k1 | k2 | k3 (docs/grpo.md).
+  g.kl_estimator = "k3"
   # epsilon = 0.2: PPO's clip range (Schulman et al. 2017), GRPO's default in DeepSeekMath/TRL.
   g.epsilon_low = 0.2
   g.epsilon_high = 0.2
@@ -90,6 +92,7 @@ def grpo_base() -> ml_collections.ConfigDict:
   r.rank_aware = 0.0  # MiniOneRec's rank penalty (Hit@K hits); meaningful with rollout='beam'
   r.rule = 0.0  # MiniOneRec's rule_reward: 1 if the answer is exactly the target (= hit for beams)
   r.ndcg_rule = 0.0  # MiniOneRec's ndcg_rule_reward, exactly (exact-answer hits); see docs/grpo.md
+  r.sid_prefix = 0.0  # share of the target's SID codes the answer matches from the first (SID items)
   r.diversity = 0.0
   r.novelty = 0.0
   r.business = 0.0

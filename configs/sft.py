@@ -120,6 +120,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.max_grad_norm = 1.0
   c.train.b1 = 0.9
   c.train.b2 = 0.95
+  c.train.eps = 1e-8  # Adam's epsilon (optax's default)
   # Step intervals; 0 = never (checkpoint_every=0 still saves once on exit).
   c.train.log_every = 10
   c.train.eval_every = 200

@@ -53,6 +53,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from recllm_jax.data import Catalog, DataError, Example, popularity
+from recllm_jax.data.items import ItemCodec
+from recllm_jax.data.sids import parse_sid
 from recllm_jax.errors import ConfigError
 from recllm_jax.rec.grounding import Grounder, title_tokens
 from recllm_jax.registry import Registry
@@ -240,7 +242,8 @@ class RewardContext:
   ``popularity`` must count *training* interactions only (see
   :func:`RewardContext.from_dataset`); counting evaluation targets would leak
   them into novelty. ``diversity_attributes`` name the attributes whose
-  values describe an item for the ``diversity`` reward.
+  values describe an item for the ``diversity`` reward. ``codec`` is the run's item codec;
+  ``sid_prefix`` reads the items' semantic IDs from it (None, or a title codec: no SIDs).
   """
 
   catalog: Catalog
@@ -248,6 +251,7 @@ class RewardContext:
   k: int = 10
   business_rule: BusinessRule | None = None
   diversity_attributes: tuple[str, ...] = ("brand", "categories")
+  codec: ItemCodec | None = None
 
   def __post_init__(self) -> None:
     if self.k < 1:
@@ -277,6 +281,15 @@ class RewardContext:
     if log_n == 0.0:
       return 0.0
     return math.log(n / (self.popularity.get(item_id, 0) + 1)) / log_n
+
+  @functools.cached_property
+  def _sid_codes(self) -> dict[str, tuple[int, ...]]:
+    sids = getattr(self.codec, "sids", None) or {}
+    return {item_id: parse_sid(sid) for item_id, sid in sids.items()}
+
+  def sid_codes(self, item_id: str) -> tuple[int, ...]:
+    """The item's semantic-ID codes (``<a_3><b_9>`` -> ``(3, 9)``); () without SIDs."""
+    return self._sid_codes.get(item_id, ())
 
   def features(self, item_id: str) -> frozenset[Any]:
     """``(attribute, value)`` pairs of ``diversity_attributes`` the item has."""
@@ -548,6 +561,31 @@ def ndcg_rule_reward(sample: Sample, ctx: RewardContext) -> float:
   """
   targets = sample.example.targets
   return _group_rank_penalty(sample, sample.item_ids, lambda items: _exact_hit(items, targets))
+
+
+@register("sid_prefix")
+def sid_prefix_reward(sample: Sample, ctx: RewardContext) -> float:
+  """Partial credit on the semantic-ID path: the share of the target's SID codes that the
+  answer's first item matches from the first code on (the best over targets).
+
+  ``<a_3><b_9><c_1>`` against the target ``<a_3><b_9><c_4>`` scores 2/3, the target itself 1,
+  a different first code 0. Items that share a SID prefix are similar items, so the reward
+  orders a group's wrong beams by how near they came, in the groups without an exact hit too,
+  where ``rule`` and ``ndcg_rule`` are flat. 0 for unscorable answers and on the title path
+  (``GrpoTask.check_config`` refuses a nonzero weight there).
+  """
+  first = sample.item_ids[0] if sample.scorable and sample.item_ids else None
+  answer = ctx.sid_codes(first) if first is not None else ()
+  if not answer:
+    return 0.0
+  best = 0.0
+  for target in sample.example.targets:
+    codes = ctx.sid_codes(target)
+    if codes:
+      shared = next((i for i, (a, b) in enumerate(zip(answer, codes)) if a != b),
+                    min(len(answer), len(codes)))
+      best = max(best, shared / len(codes))
+  return best
 
 
 def _jaccard(a: frozenset[Any], b: frozenset[Any]) -> float:

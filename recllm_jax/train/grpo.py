@@ -233,7 +233,7 @@ def grpo_loss_fn(model: Any, batch: Mapping[str, jax.Array], rng: jax.Array, *,
       epsilon_high=float(gc.epsilon_high), beta=float(gc.beta),
       max_completion_length=gc.max_new_tokens, entropy=entropy,
       entropy_coef=float(gc.entropy_coef), sft_rows=batch.get("sft_rows"),
-      sft_coef=float(gc.sft_coef))
+      sft_coef=float(gc.sft_coef), kl_estimator=gc.get("kl_estimator", "k3"))
 
 
 def make_logprob_fn(graphdef: Any, *, temperature: float, logits_chunk_size: int,
@@ -287,12 +287,17 @@ class GrpoTask:
     found.attempt(check_recipe_keys, gc)
     found.attempt(adv_lib.get_advantage_fn, gc.advantage)
     found.attempt(policy_loss.get_loss_aggregation, gc.loss_type)
+    found.attempt(policy_loss.get_kl_estimator, gc.get("kl_estimator", "k3"))
     lora = found.attempt(build.lora_settings, config)
     if lora and gc.beta > 0 and int(gc.ref_sync_every):
       found.add(ConfigError(
           f"grpo.ref_sync_every={gc.ref_sync_every} with model.lora.rank={lora['rank']}: a LoRA "
           "run's reference is its frozen base (adapters off), which cannot follow the policy; "
           "set grpo.ref_sync_every=0 or model.lora.rank=0"))
+    if config.rewards.get("sid_prefix", 0.0) and config.data.item_format != "sid":
+      found.add(ConfigError(
+          f"rewards.sid_prefix={config.rewards.sid_prefix} needs semantic-ID items; "
+          f"data.item_format is {config.data.item_format!r} (set it to 'sid', or the weight to 0)"))
     found.raise_found()
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path):
@@ -318,7 +323,7 @@ class GrpoTask:
                                      attribute=b.attribute, value=b.value) if b.item_file else
               BusinessRule(attribute=b.attribute, value=b.value, boost=b.boost))
     self.reward_ctx = RewardContext.from_dataset(self.dataset, k=config.reward_k,
-                                                 business_rule=rule)
+                                                 business_rule=rule, codec=self.codec)
     self.grounder = Grounder(self.codec, popularity=self.reward_ctx.popularity,
                              fuzzy_cutoff=gc.fuzzy_cutoff or None)
     self.reward_weights = dict(config.rewards.to_dict())

@@ -179,6 +179,7 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
   schedule = optim.make_schedule(tc.lr, num_updates, tc.warmup_steps, tc.min_lr_ratio)
   optimizer = optim.make_optimizer(schedule, weight_decay=tc.weight_decay,
                                    max_grad_norm=tc.max_grad_norm, b1=tc.b1, b2=tc.b2,
+                                   eps=tc.get("eps", 1e-8),
                                    master_dtype=tc.master_dtype)
   # A LoRA run (model.lora.rank > 0) trains, and saves, only its adapters.
   trainable = optim.trainable_filter(model_cfg)

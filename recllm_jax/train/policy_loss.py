@@ -3,10 +3,14 @@
 Per completion token t of row i (A_i the row's advantage, r = exp(logp - old_logp)):
 
     surrogate = min(r * A_i, clip(r, 1 - epsilon_low, 1 + epsilon_high) * A_i)
-    kl        = exp(ref - logp) - (ref - logp) - 1         (k3 estimator, >= 0; Schulman 2020)
+    kl        = exp(ref - logp) - (ref - logp) - 1         (`kl_estimator` "k3", the default)
     l_it      = -surrogate + beta * kl - entropy_coef * entropy - sft_coef * s_i * logp_it
 
-The kl term is skipped when beta == 0 or `ref_logp` is None, the entropy term when
+KL estimators (`kl_estimator`, Schulman 2020 "Approximating KL divergence"; d = ref - logp, an
+estimate of KL(pi || ref) from tokens sampled from pi): "k1" = -d (unbiased, high variance, can be
+negative; its gradient is that of logp alone), "k2" = d^2 / 2 (biased, >= 0, low variance; its
+gradient pulls logp toward ref in proportion to the gap), "k3" = exp(d) - d - 1 (unbiased,
+>= 0; DeepSeekMath and TRL). The kl term is skipped when beta == 0 or `ref_logp` is None, the entropy term when
 `entropy` is None or entropy_coef == 0, the SFT term (s_i = 1 on rows that answer the target,
 else 0: a negative log-likelihood on the hits, RAFT-style self-imitation) when `sft_rows` is
 None or sft_coef == 0. With `old_logp=None` the old policy is the current one
@@ -34,7 +38,7 @@ single micro-batch and for "dapo"; otherwise it is the weight-weighted mean of t
 token means (TRL logs the mean of per-step means):
 
 * `pg_loss`: -surrogate aggregated like the loss (so pg_loss = loss when beta == entropy_coef == 0)
-* `kl`: mean k3 KL vs the reference (whenever `ref_logp` is given, even with beta == 0)
+* `kl`: mean KL estimate (the chosen estimator) vs the reference (whenever `ref_logp` is given, even with beta == 0)
 * `clip_frac_low` / `clip_frac_high` / `clip_frac`: fraction of tokens where the min picks the
   clipped branch and the gradient is cut: r < 1 - epsilon_low with A < 0 / r > 1 + epsilon_high
   with A > 0 / either (TRL's is_low_clipped, is_high_clipped, is_region_clipped). Tokens
@@ -92,6 +96,25 @@ def _global_token_mean(per_token: jax.Array, mask: jax.Array,
   return jnp.sum(per_token), jnp.sum(mask)
 
 
+# (logp [N, T], ref_logp [N, T]) -> per-token KL(pi || ref) estimate [N, T]
+KlFn = Callable[[jax.Array, jax.Array], jax.Array]
+KL_ESTIMATORS: Registry[KlFn] = Registry("KL estimator", "grpo.kl_estimator")
+get_kl_estimator = KL_ESTIMATORS.lookup
+
+
+@KL_ESTIMATORS.register("k1")
+def k1_kl(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
+  """Per-token k1 estimate of KL(pi || ref) from samples of pi: logp - ref."""
+  return logp - ref_logp
+
+
+@KL_ESTIMATORS.register("k2")
+def k2_kl(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
+  """Per-token k2 estimate of KL(pi || ref) from samples of pi: (logp - ref)^2 / 2."""
+  return 0.5 * jnp.square(logp - ref_logp)
+
+
+@KL_ESTIMATORS.register("k3")
 def k3_kl(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
   """Per-token k3 estimate of KL(pi || ref) from samples of pi: exp(d) - d - 1, d = ref - logp."""
   delta = ref_logp - logp
@@ -117,7 +140,7 @@ def policy_loss_terms(logp: jax.Array, old_logp: jax.Array | None, ref_logp: jax
                       max_completion_length: int | None = None,
                       entropy: jax.Array | None = None, entropy_coef: float = 0.0,
                       truncated: jax.Array | None = None, sft_rows: jax.Array | None = None,
-                      sft_coef: float = 0.0
+                      sft_coef: float = 0.0, kl_estimator: str = "k3"
                       ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
   """(loss_sum, weight, aux_sums) of the GRPO objective (module docstring has the formulas).
 
@@ -125,10 +148,12 @@ def policy_loss_terms(logp: jax.Array, old_logp: jax.Array | None, ref_logp: jax
   (1 on completion tokens), entropy [N, T] or None. `truncated` [N] bool or None: rows flagged
   are dropped from loss and metrics entirely (TRL mask_truncated_completions). `sft_rows` [N]
   or None: 1 on the rows the SFT term trains. `beta`, `entropy_coef`, `sft_coef` and the
-  epsilons are Python floats (they pick the terms at trace time).
+  epsilons are Python floats (they pick the terms at trace time); `kl_estimator` names a
+  `KL_ESTIMATORS` entry.
   Values at masked positions never reach the loss or its gradient, even if they are inf/nan.
   """
   aggregate = get_loss_aggregation(loss_type)
+  kl_fn = get_kl_estimator(kl_estimator)
   _check_shapes(logp, mask, advantages, old_logp=old_logp, ref_logp=ref_logp, entropy=entropy)
   live = mask.astype(bool)  # [N, T]
   if truncated is not None:
@@ -154,7 +179,7 @@ def policy_loss_terms(logp: jax.Array, old_logp: jax.Array | None, ref_logp: jax
   per_token = pg
   kl = None
   if ref_logp is not None:
-    kl = k3_kl(logp, clean(ref_logp)) * m
+    kl = kl_fn(logp, clean(ref_logp)) * m
     if beta != 0.0:
       per_token = per_token + beta * kl
   if entropy is not None:
@@ -204,5 +229,6 @@ def policy_loss(logp: jax.Array, old_logp: jax.Array | None, ref_logp: jax.Array
   return loss_sum / jnp.maximum(weight, 1.0)
 
 
-__all__ = ["LOSS_AGGREGATIONS", "AggregationFn", "get_loss_aggregation", "k3_kl", "policy_loss",
+__all__ = ["KL_ESTIMATORS", "LOSS_AGGREGATIONS", "AggregationFn", "KlFn", "get_kl_estimator",
+           "get_loss_aggregation", "k1_kl", "k2_kl", "k3_kl", "policy_loss",
            "policy_loss_terms", "register_loss_aggregation"]

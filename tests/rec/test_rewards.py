@@ -182,6 +182,38 @@ def test_ndcg_rule_reads_the_explicit_rank_and_penalises_malformed():
   assert _call("rule", _sample(["C"], reason="unclosed_think")) == 0.0
 
 
+SIDS = {"A": "<a_1><b_2><c_3>", "B": "<a_1><b_2><c_4>", "C": "<a_1><b_5><c_3>",
+        "D": "<a_7><b_2><c_3>", "E": "<a_1><b_2><c_8><d_0>", "F": "<a_1><b_2><c_8><d_1>"}
+
+
+@pytest.mark.parametrize("answer,targets,expected", [
+    ("A", ("A",), 1.0),        # the target itself
+    ("B", ("A",), 2 / 3),      # first two codes shared
+    ("C", ("A",), 1 / 3),      # the first code only: a match after a mismatch earns nothing
+    ("D", ("A",), 0.0),        # a different first code, however much of the rest matches
+    ("E", ("F",), 3 / 4),      # a collision level: shares 3 of the target's 4 codes
+    ("A", ("E",), 2 / 4),      # a shorter answer: 2 of the target's 4 codes
+    ("D", ("C", "B"), 0.0),
+    ("C", ("D", "B"), 1 / 3),  # the best over targets
+])
+def test_sid_prefix_by_hand(answer, targets, expected):
+  from recllm_jax.data.items import SidCodec
+
+  ctx = _ctx(codec=SidCodec(CATALOG, SIDS))
+  example = Example(user_id="u", history=("B",), targets=targets)
+  assert _call("sid_prefix", _sample([answer], example=example), ctx) == pytest.approx(expected)
+
+
+def test_sid_prefix_is_zero_without_sids_or_a_grounded_answer():
+  from recllm_jax.data.items import SidCodec
+
+  assert _call("sid_prefix", _sample(["C"])) == 0.0  # no codec: the title path
+  ctx = _ctx(codec=SidCodec(CATALOG, SIDS))
+  assert _call("sid_prefix", _sample(["Bogus"]), ctx) == 0.0
+  assert _call("sid_prefix", _sample([], reason="no_answer"), ctx) == 0.0
+  assert _call("sid_prefix", _sample(["C"]), ctx) == 1.0
+
+
 def test_ranks_from_scores_rank_each_group_by_descending_score():
   scores = [-1.0, -3.0, -0.5, -3.0, 0.0, -2.0]  # two groups of 3
   np.testing.assert_array_equal(R.ranks_from_scores(scores, 3), [1, 2, 0, 2, 0, 1])
@@ -289,6 +321,7 @@ def test_malformed_completion_scores(reason):
     "rank_aware": 0.0,  # no group with a hit
     "rule": 0.0,
     "ndcg_rule": 0.0,  # no group with a hit
+    "sid_prefix": 0.0,
     "diversity": 0.0,
     "novelty": 0.0,
     "business": 0.0,

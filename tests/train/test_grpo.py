@@ -352,13 +352,15 @@ def test_grpo_check_config_reports_every_bad_key_before_anything_loads():
     config.grpo.advantage = "nope"
     config.grpo.ref_sync_every = 5
     config.model.lora.rank = 4
+    config.rewards.sid_prefix = 1.0  # tiny is a title run
   with pytest.raises(UserErrors) as info:
     GrpoTask.check_config(config)
   messages = [str(e) for e in info.value.errors]
-  assert len(messages) == 3, messages
+  assert len(messages) == 4, messages
   assert messages[0].startswith("grpo.rollout='nope'")
   assert "grpo.advantage" in messages[1] or "'nope'" in messages[1]
   assert messages[2].startswith("grpo.ref_sync_every=5 with model.lora.rank=4")
+  assert messages[3].startswith("rewards.sid_prefix=1.0 needs semantic-ID items")
 
 
 def test_concat_rollouts_and_take_rows_by_hand():

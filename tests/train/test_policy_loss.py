@@ -206,6 +206,29 @@ def test_k3_kl_by_hand():
   np.testing.assert_allclose(kl, [1 - math.log(2.0), 0.0], atol=1e-7)
 
 
+def test_kl_estimators_by_hand_and_in_the_loss():
+  from recllm_jax.errors import ConfigError
+  from recllm_jax.train.policy_loss import KL_ESTIMATORS, get_kl_estimator
+
+  logp, ref = jnp.array([0.0, -1.0, -2.0]), jnp.array([math.log(2.0), -1.0, -1.5])
+  want = {"k1": [-math.log(2.0), 0.0, -0.5],  # logp - ref
+          "k2": [math.log(2.0) ** 2 / 2, 0.0, 0.125],  # (logp - ref)^2 / 2
+          "k3": [1 - math.log(2.0), 0.0, math.exp(0.5) - 1.5]}  # e^d - d - 1, d = ref - logp
+  assert sorted(KL_ESTIMATORS) == sorted(want)
+  for name, values in want.items():
+    np.testing.assert_allclose(get_kl_estimator(name)(logp, ref), values, atol=1e-6)
+  # In the loss, with zero advantages the loss is beta * the chosen estimator's token mean
+  # ("dapo": the global token mean), and the logged kl is that mean.
+  lp, mask, zeros = logp[None], jnp.ones((1, 3)), jnp.zeros(1)
+  for name, values in want.items():
+    loss_sum, weight, aux = _terms(lp, None, ref[None], zeros, mask, loss_type="dapo", beta=0.5,
+                                   kl_estimator=name)
+    assert float(loss_sum / weight) == pytest.approx(0.5 * np.mean(values), abs=1e-6)
+    assert float(aux["kl"] / weight) == pytest.approx(np.mean(values), abs=1e-6)
+  with pytest.raises(ConfigError, match="grpo.kl_estimator"):
+    get_kl_estimator("k4")
+
+
 def test_jit_and_clear_errors():
   logp, old, ref, adv, mask = _inputs(0.3)
   jitted = jax.jit(functools.partial(_terms, loss_type="dr_grpo", beta=0.04))
